@@ -1,0 +1,1 @@
+"""ckctl, the admin CLI: ``ctr``'s verbs over containerkitd's socket."""

@@ -1,0 +1,149 @@
+"""The daemon's TOML configuration, and the one validator that checks it and every plugin's table.
+
+A config is a dataclass tree. :func:`from_table` builds one from a parsed TOML table, naming the
+offending key (with its TOML path) when a key is unknown or a value has the wrong type, so that a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+DEFAULT_ROOT = Path("/var/lib/containerkit")
+DEFAULT_STATE = Path("/run/containerkit")
+DEFAULT_ADDRESS = "/run/containerkit/containerkit.sock"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file, key or line at fault."""
+
+
+@dataclass
+class GrpcConfig:
+    """The ``[grpc]`` table: where the API socket lives and who may use it."""
+
+    address: str = DEFAULT_ADDRESS
+    gid: int = 0
+
+
+@dataclass
+class DebugConfig:
+    """The ``[debug]`` table."""
+
+    level: str = "info"
+
+
+@dataclass
+class Config:
+    """The whole daemon configuration. ``plugins`` holds the raw ``[plugins.<type>.<id>]`` tables;
+    the loader validates each against the plugin's own declared config."""
+
+    root: Path = DEFAULT_ROOT
+    state: Path = DEFAULT_STATE
+    disabled_plugins: list[str] = field(default_factory=list)
+    required_plugins: list[str] = field(default_factory=list)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    plugins: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.debug.level not in LOG_LEVELS:
+            raise ConfigError(f"debug.level: {self.debug.level!r} is not one of {', '.join(LOG_LEVELS)}")
+        for type_name, tables in self.plugins.items():
+            for plugin_id, table in tables.items():
+                if not isinstance(table, dict):
+                    raise ConfigError(f"plugins.{type_name}.{plugin_id}: expected a table, got {_kind(table)}")
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate the TOML file at ``path``; ``None`` gives the defaults.
+
+    Raises :class:`ConfigError` for a missing file, a TOML syntax error (with line and column) and
+    any unknown key or mistyped value.
+    """
+    if path is None:
+        return Config()
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config {path} is not valid TOML: {err}") from None
+    try:
+        return from_table(Config, table)
+    except ConfigError as err:
+        raise ConfigError(f"config {path}: {err}") from None
+
+
+T = TypeVar("T")
+
+
+def from_table(cls: type[T], table: dict[str, Any], where: str = "") -> T:
+    """Build the dataclass ``cls`` from ``table``, checking every key and value type.
+
+    ``where`` is the TOML path of ``table`` (``plugins.snapshotter.overlayfs``), used in messages.
+    Missing keys take the dataclass defaults.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            known = ", ".join(sorted(fields)) or "none"
+            raise ConfigError(f"unknown key {path!r} (known keys: {known})")
+        values[key] = _convert(hints[key], value, path)
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{where + ': ' if where else ''}{err}") from None
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, path)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a table, got {_kind(value)}")
+        return from_table(hint, value, path)  # type: ignore[arg-type]
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {_kind(value)}")
+        return [_convert(args[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a table, got {_kind(value)}")
+        return {k: _convert(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a path string, got {_kind(value)}")
+        return Path(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{path}: expected {_TYPE_NAMES.get(hint, hint.__name__)}, got {_kind(value)}")
+    return value
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean", float: "a number"}
+
+
+def _kind(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}
+    return f"{names.get(type(value), type(value).__name__)} ({value!r})"

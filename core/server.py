@@ -1,0 +1,111 @@
+"""The gRPC side of the daemon: the service-plugin contract, error mapping and request context.
+
+A plugin of type ``service`` returns an object with ``register(server)`` that adds its servicers to
+the :class:`grpc.Server`. Handlers raise :mod:`core.errors` exceptions; :class:`ErrorMapping` turns
+them into the status codes containerd uses, so no handler deals with gRPC codes itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import grpc
+
+from core import identifiers
+from core.errors import ContainerkitError, FailedPrecondition
+
+log = logging.getLogger("containerkit.grpc")
+
+NAMESPACE_METADATA_KEY = "containerd-namespace"
+LEASE_METADATA_KEY = "containerd-lease"
+MAX_MESSAGE_SIZE = 16 << 20  # containerd's default for both directions
+
+
+class GrpcService(Protocol):
+    """What a ``service`` plugin's instance provides."""
+
+    def register(self, server: grpc.Server) -> None:
+        """Add this service's servicers to ``server`` (called once, before the server starts)."""
+
+
+def metadata_value(context: grpc.ServicerContext, key: str) -> str | None:
+    """The first value of a request metadata key, or None."""
+    for item in context.invocation_metadata() or ():
+        if item.key == key:
+            return str(item.value)
+    return None
+
+
+def namespace_of(context: grpc.ServicerContext) -> str:
+    """The tenant of a request, from the ``containerd-namespace`` metadata, validated.
+
+    Raises FailedPrecondition when it is absent (as containerd does) and InvalidArgument when bad.
+    """
+    namespace = metadata_value(context, NAMESPACE_METADATA_KEY)
+    if not namespace:
+        raise FailedPrecondition("namespace is required: pass it as containerd-namespace metadata (ctr -n, ckctl -n)")
+    return identifiers.validate(namespace, "namespace")
+
+
+def _abort(context: grpc.ServicerContext, err: Exception, method: str) -> None:
+    if isinstance(err, ContainerkitError):
+        context.abort(getattr(grpc.StatusCode, err.grpc_code), str(err))
+    log.error("unexpected error in %s", method, exc_info=err)
+    context.abort(grpc.StatusCode.UNKNOWN, f"{type(err).__name__}: {err}")
+
+
+def _wrap_unary(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+    def handler(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behaviour(request, context)
+        except Exception as err:
+            if _is_abort(err):
+                raise
+            _abort(context, err, method)
+
+    return handler
+
+
+def _wrap_streaming(behaviour: Callable[..., Iterator[Any]], method: str) -> Callable[..., Iterator[Any]]:
+    def handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from behaviour(request, context)
+        except Exception as err:
+            if _is_abort(err):
+                raise
+            _abort(context, err, method)
+
+    return handler
+
+
+def _is_abort(err: Exception) -> bool:
+    # grpc's context.abort raises a bare Exception subclass private to grpc._server.
+    return type(err).__module__.startswith("grpc")
+
+
+class ErrorMapping(grpc.ServerInterceptor):
+    """Maps :class:`ContainerkitError` to its gRPC status and any other exception to UNKNOWN (logged)."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        kinds = {
+            (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler, _wrap_unary),
+            (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler, _wrap_streaming),
+            (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler, _wrap_unary),
+            (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler, _wrap_streaming),
+        }
+        attribute, make, wrap = kinds[(handler.request_streaming, handler.response_streaming)]
+        return make(
+            wrap(getattr(handler, attribute), method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
