@@ -7,7 +7,7 @@ from typing import Any
 
 from core.cli.client import Client
 from core.cli.output import print_listing
-from core.plugin_types import PLUGIN_TYPES
+from core.plugin_types import by_wire_type
 
 # The introspection service marks skipped plugins and exports the package; see core.services.introspection.
 SKIP_SUFFIX = ": skip plugin"
@@ -26,10 +26,8 @@ def add_commands(commands: Any) -> None:
 
 
 def _short_type(wire_type: str) -> str:
-    for plugin_type in PLUGIN_TYPES.values():
-        if plugin_type.wire_type == wire_type:
-            return plugin_type.name
-    return wire_type
+    plugin_type = by_wire_type(wire_type)
+    return plugin_type.name if plugin_type else wire_type
 
 
 def plugin_row(plugin: Any) -> dict[str, Any]:
