@@ -8,12 +8,13 @@ let in-flight ones finish, close plugins in reverse order, remove the socket, ex
 from __future__ import annotations
 
 import argparse
-import errno
 import fcntl
 import logging
 import os
 import signal
 import socket
+import sqlite3
+import stat
 import sys
 import threading
 from concurrent import futures
@@ -22,6 +23,7 @@ from typing import Any
 
 from core import __version__, logs
 from core.config import Config, ConfigError, load_config
+from core.errors import ContainerkitError
 from core.plugin import Status
 
 log = logging.getLogger("containerkit.daemon")
@@ -69,7 +71,10 @@ class Daemon:
         from core.loader import PluginLoader, RequiredPluginError
         from core.metadata import MetadataStore
 
-        self._metadata = MetadataStore(self.root / "meta.db")
+        try:
+            self._metadata = MetadataStore(self.root / "meta.db")
+        except (ContainerkitError, OSError, sqlite3.Error) as err:
+            raise StartupError(f"cannot open the metadata store {self.root / 'meta.db'}: {err}") from None
         hooks = new_plugin_manager()
         self._events = Exchange(hooks)
         self._loader = PluginLoader(self.config, metadata=self._metadata, hooks=hooks, events=self._events)
@@ -108,6 +113,8 @@ class Daemon:
         """gRPC replaces an existing socket file silently; refuse if a live server still answers on it."""
         if not self.address.exists():
             return
+        if not stat.S_ISSOCK(self.address.stat().st_mode):
+            raise StartupError(f"{self.address} exists and is not a socket; remove it or use another --address")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(str(self.address))
@@ -154,7 +161,9 @@ class Daemon:
     def stop(self) -> None:
         """Stop serving (in-flight calls get a grace period), close plugins and the store, unlock."""
         if self._server is not None:
-            self._server.stop(SHUTDOWN_GRACE_SECONDS).wait()
+            stopped = self._server.stop(SHUTDOWN_GRACE_SECONDS)  # from here on new calls are refused
+            self._notify_services_stopping()
+            stopped.wait()
             self._server = None
             self.address.unlink(missing_ok=True)
         if self._loader is not None:
@@ -170,12 +179,25 @@ class Daemon:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def _notify_services_stopping(self) -> None:
+        """Tell service plugins the daemon is stopping, so they can end long-lived streams (see GrpcService)."""
+        records = self._loader.records.values() if self._loader is not None else ()
+        for record in records:
+            stopping = getattr(record.instance, "stopping", None)
+            if record.type != "service" or record.status is not Status.OK or stopping is None:
+                continue
+            try:
+                stopping()
+            except Exception:
+                log.exception("service %s failed to prepare for shutdown", record.name)
+
 
 def _make_dir(path: Path, what: str) -> None:
     try:
-        path.mkdir(mode=0o711, parents=True, exist_ok=True)
-        if not os.access(path, os.W_OK):
-            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        if not path.is_dir():
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(0o711)  # exactly, whatever the umask (mkdir's mode is masked by it)
+        # A real write, not os.access(): it reports EROFS as such, and root's EACCES exemption correctly.
         probe = path / f".containerkitd-write-probe-{os.getpid()}"
         probe.touch()
         probe.unlink()

@@ -24,7 +24,12 @@ MAX_MESSAGE_SIZE = 16 << 20  # containerd's default for both directions
 
 
 class GrpcService(Protocol):
-    """What a ``service`` plugin's instance provides."""
+    """What a ``service`` plugin's instance provides.
+
+    Optionally it also has ``stopping()``, called once when the daemon begins to stop: the server
+    already refuses new calls and gives in-flight ones a grace period, so a service whose calls never
+    end by themselves (watches, event streams) ends them here. ``close()`` follows after the server stopped.
+    """
 
     def register(self, server: grpc.Server) -> None:
         """Add this service's servicers to ``server`` (called once, before the server starts)."""

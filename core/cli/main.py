@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from core.cli import namespaces, plugins, version
@@ -41,12 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     client = Client(args.address, args.namespace)
     try:
-        return int(args.handler(client, args) or 0)
+        code = int(args.handler(client, args) or 0)
+        sys.stdout.flush()  # so that a closed pipe surfaces here, not at interpreter exit
+        return code
     except CliError as err:
         print(f"ckctl: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`ckctl plugins ls --json | head`): exit as a killed-by-SIGPIPE tool would,
+        # without a traceback, and keep the interpreter's final flush of stdout from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     finally:
         client.close()
 

@@ -35,10 +35,11 @@ def add_commands(commands: Any) -> None:
 
 
 def parse_labels(pairs: list[str]) -> dict[str, str]:
-    """``KEY=VALUE`` arguments as a dict; ``KEY=`` (or bare ``KEY``) means the empty value."""
+    """``KEY=VALUE`` arguments as a dict; ``KEY=`` means the empty value, a bare ``KEY`` means ``true`` (as ctr)."""
     labels = {}
     for pair in pairs:
-        key, _, value = pair.partition("=")
+        key, sep, value = pair.partition("=")
+        value = value if sep else "true"
         if not key:
             raise CliError(f"label {pair!r} has no key: use KEY=VALUE")
         labels[key] = value

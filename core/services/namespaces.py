@@ -49,6 +49,8 @@ class NamespacesService:
 
             def Create(self, request: Any, context: grpc.ServicerContext) -> Any:
                 name, labels = request.namespace.name, dict(request.namespace.labels)
+                # containerd sets each label after creating, so an empty value sets nothing (`ctr ns create x k=`).
+                labels = {key: value for key, value in labels.items() if value}
                 store.create(name, labels)
                 publish(context, "/namespaces/create", events_pb.NamespaceCreate(name=name, labels=labels))
                 return pb.CreateNamespaceResponse(namespace=request.namespace)
