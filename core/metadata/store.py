@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import sqlite3
 import threading
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -256,6 +255,8 @@ class MetadataStore:
     def server_uuid(self) -> str:
         """This installation's UUID (version 4): created on the first call, then stable across restarts."""
         if self._server_uuid is None:
+            import uuid  # only on the first call: keeps it off the daemon's start-up path
+
             with self.transaction() as conn:
                 conn.execute(
                     "INSERT OR IGNORE INTO server_info (key, value) VALUES ('uuid', ?)",

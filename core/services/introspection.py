@@ -11,7 +11,6 @@ from typing import Any
 
 import grpc
 
-from core import filters
 from core.plugin import InitContext, PluginRecord, Registration, Status
 from core.plugin_types import PLUGIN_TYPES
 
@@ -63,6 +62,8 @@ class IntrospectionService:
 
         class Servicer(pb_grpc.IntrospectionServicer):
             def Plugins(self, request: Any, grpc_context: grpc.ServicerContext) -> Any:
+                from core import filters  # first listing pays the import, not start-up
+
                 matcher = filters.parse(request.filters)
                 records = [r for r in context.records() if matcher(plugin_fields(r))]
                 return pb.PluginsResponse(plugins=[to_message(r) for r in records])

@@ -11,7 +11,6 @@ from typing import Any
 
 import grpc
 
-from core import filters
 from core.errors import InvalidArgument
 from core.metadata import NamespaceStore
 from core.plugin import InitContext, Registration
@@ -42,6 +41,8 @@ class NamespacesService:
                 return pb.GetNamespaceResponse(namespace=namespace)
 
             def List(self, request: Any, context: grpc.ServicerContext) -> Any:
+                from core import filters  # first listing pays the import, not start-up
+
                 matcher = filters.parse([request.filter])
                 found = [pb.Namespace(name=name, labels=labels) for name, labels in store.list()]
                 matching = [ns for ns in found if matcher({"name": ns.name, "labels": dict(ns.labels)})]
