@@ -8,17 +8,17 @@ typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 DEFAULT_ROOT = Path("/var/lib/containerkit")
 DEFAULT_STATE = Path("/run/containerkit")
 DEFAULT_ADDRESS = "/run/containerkit/containerkit.sock"
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS: tuple[str, ...] = typing.get_args(LogLevel)
 
 
 class ConfigError(Exception):
@@ -37,7 +37,7 @@ class GrpcConfig:
 class DebugConfig:
     """The ``[debug]`` table."""
 
-    level: str = "info"
+    level: LogLevel = "info"
 
 
 @dataclass
@@ -53,31 +53,27 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
     plugins: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if self.debug.level not in LOG_LEVELS:
-            raise ConfigError(f"debug.level: {self.debug.level!r} is not one of {', '.join(LOG_LEVELS)}")
-        for type_name, tables in self.plugins.items():
-            for plugin_id, table in tables.items():
-                if not isinstance(table, dict):
-                    raise ConfigError(f"plugins.{type_name}.{plugin_id}: expected a table, got {_kind(table)}")
-
 
 def load_config(path: Path | None) -> Config:
     """Read and validate the TOML file at ``path``; ``None`` gives the defaults.
 
-    Raises :class:`ConfigError` for a missing file, a TOML syntax error (with line and column) and
-    any unknown key or mistyped value.
+    Raises :class:`ConfigError` for a missing or unreadable file, a TOML syntax error (with line and
+    column), text that is not UTF-8, and any unknown key or mistyped value.
     """
     if path is None:
         return Config()
+    import tomllib  # only when there is a file: keeps it off the default start-up path
+
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as err:
         raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
     try:
-        table = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"config {path} is not valid TOML: {err}") from None
+        table = tomllib.loads(data.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        last_line = len(data.splitlines()) or 1
+        where = f" (line {last_line})" if "end of document" in str(err) else ""
+        raise ConfigError(f"config {path} is not valid TOML: {err}{where}") from None
     try:
         return from_table(Config, table)
     except ConfigError as err:
@@ -91,21 +87,29 @@ def from_table(cls: type[T], table: dict[str, Any], where: str = "") -> T:
     """Build the dataclass ``cls`` from ``table``, checking every key and value type.
 
     ``where`` is the TOML path of ``table`` (``plugins.snapshotter.overlayfs``), used in messages.
-    Missing keys take the dataclass defaults.
+    Missing keys take the dataclass defaults; a field without a default is a required key. Supported
+    field types: str, int, float, bool, Path, Any, Literal[...], nested dataclasses, ``list[T]``,
+    ``tuple[T, ...]``, ``dict[str, T]`` and ``T | None``. ``cls.__post_init__`` may raise ConfigError.
     """
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = [f for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
+    names = {f.name for f in fields}
     values: dict[str, Any] = {}
     for key, value in table.items():
-        path = f"{where}.{key}" if where else key
-        if key not in fields:
-            known = ", ".join(sorted(fields)) or "none"
-            raise ConfigError(f"unknown key {path!r} (known keys: {known})")
-        values[key] = _convert(hints[key], value, path)
+        if key not in names:
+            raise ConfigError(f"unknown key {_join(where, key)!r} (known keys: {', '.join(sorted(names)) or 'none'})")
+        values[key] = _convert(hints[key], value, _join(where, key))
+    for f in fields:
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing key {_join(where, f.name)!r}")
     try:
         return cls(**values)
     except ConfigError as err:
         raise ConfigError(f"{where + ': ' if where else ''}{err}") from None
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
 
 
 def _convert(hint: Any, value: Any, path: str) -> Any:
@@ -120,10 +124,14 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a table, got {_kind(value)}")
         return from_table(hint, value, path)  # type: ignore[arg-type]
-    if origin is list:
+    if origin is Literal:
+        if not any(type(value) is type(allowed) and value == allowed for allowed in args):
+            raise ConfigError(f"{path}: expected one of {', '.join(map(repr, args))}, got {_kind(value)}")
+        return value
+    if origin in (list, tuple):
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {_kind(value)}")
-        return [_convert(args[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
+        return origin(_convert(args[0], item, f"{path}[{i}]") for i, item in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a table, got {_kind(value)}")
@@ -136,14 +144,13 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         return Path(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
-        raise ConfigError(f"{path}: expected {_TYPE_NAMES.get(hint, hint.__name__)}, got {_kind(value)}")
+    if (hint is int and isinstance(value, bool)) or not isinstance(value, hint):
+        raise ConfigError(f"{path}: expected {_NAMES.get(hint, hint.__name__)}, got {_kind(value)}")
     return value
 
 
-_TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean", float: "a number"}
+_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}
 
 
 def _kind(value: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}
-    return f"{names.get(type(value), type(value).__name__)} ({value!r})"
+    return f"{_NAMES.get(type(value), type(value).__name__)} ({value!r})"

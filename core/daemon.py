@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from core import __version__, logs
-from core.config import Config, ConfigError, load_config
+from core.config import LOG_LEVELS, Config, ConfigError, load_config
 from core.errors import ContainerkitError
 from core.plugin import Status
 
@@ -211,7 +211,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--root", type=Path, help="persistent state directory (overrides the config's root)")
     parser.add_argument("--state", type=Path, help="runtime state directory (overrides the config's state)")
     parser.add_argument("--address", "-a", help="unix socket to serve on (overrides [grpc] address)")
-    parser.add_argument("--log-level", "-l", choices=("debug", "info", "warning", "error"), help="log level")
+    parser.add_argument("--log-level", "-l", choices=LOG_LEVELS, help="log level")
     parser.add_argument("--version", "-v", action="version", version=f"containerkitd {__version__}")
     return parser.parse_args(argv)
 

@@ -36,14 +36,17 @@ class Subscription:
         self._queue.put(envelope)
 
     def get(self, timeout: float | None = None) -> Envelope | None:
-        """The next event, or ``None`` when closed or after ``timeout`` seconds without one."""
+        """The next event, or ``None`` once closed (every time) or after ``timeout`` seconds without one."""
         try:
-            return self._queue.get(timeout=timeout)
+            envelope = self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
+        if envelope is None:
+            self._queue.put(None)  # stay closed for every later get and iteration
+        return envelope
 
     def __iter__(self) -> Iterator[Envelope]:
-        while (envelope := self._queue.get()) is not None:
+        while (envelope := self.get()) is not None:
             yield envelope
 
     def close(self) -> None:
@@ -66,9 +69,13 @@ class Exchange:
             subscriptions = list(self._subscriptions)
         for subscription in subscriptions:
             subscription._deliver(envelope)
+        # Each observer is called on its own, so that one raising cannot keep the others from running.
+        trace = self._hooks.trace.root.get("hook")  # writes only under CONTAINERKIT_TRACE_HOOKS
         for impl in self._hooks.hook.containerkit_event.get_hookimpls():
+            kwargs = {arg: getattr(envelope, arg) for arg in impl.argnames}
+            trace(f"containerkit_event [{impl.plugin_name}]", kwargs)
             try:
-                impl.function(**{arg: getattr(envelope, arg) for arg in impl.argnames})
+                impl.function(**kwargs)
             except Exception:
                 log.exception("event observer %s failed on %s", impl.plugin_name, topic)
 

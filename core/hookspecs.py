@@ -2,11 +2,15 @@
 
 Every hook is named ``containerkit_*`` and lives in this module. A plugin implements one by
 decorating a method of the instance its ``init`` returns with :data:`hookimpl`; the loader registers
-every instance that initialised ``ok``. Implementations take only the arguments they need.
+every instance that initialised ``ok``, and records the plugin as ``error`` instead when one of its
+implementations names no hook here or an argument its hook does not have. Implementations take only
+the arguments they need.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import pluggy
@@ -37,13 +41,14 @@ def containerkit_event(namespace: str, topic: str, event: Any) -> None:
 
 
 def new_plugin_manager() -> pluggy.PluginManager:
-    """A plugin manager that knows containerkit's hookspecs. ``CONTAINERKIT_TRACE_HOOKS=1`` traces calls."""
-    import os
-    import sys
+    """A plugin manager that knows containerkit's hookspecs.
 
+    With ``CONTAINERKIT_TRACE_HOOKS=1`` in the environment it writes every hook call, with its
+    arguments and results, to stderr.
+    """
     manager = pluggy.PluginManager(PROJECT)
     manager.add_hookspecs(sys.modules[__name__])
-    if os.environ.get("CONTAINERKIT_TRACE_HOOKS"):
+    if os.environ.get("CONTAINERKIT_TRACE_HOOKS", "0") not in ("", "0"):
         manager.trace.root.setwriter(sys.stderr.write)
         manager.enable_tracing()
     return manager

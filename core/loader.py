@@ -4,60 +4,87 @@ Discovery goes through stevedore over the entry-point groups of :data:`core.plug
 stevedore's own entry-point cache is keyed on directory mtimes packed as 32-bit floats (about two
 minutes of resolution), so a package reinstalled with different entry points can go unseen; the
 loader therefore lists entry points fresh from ``importlib.metadata`` at every start and lets
-stevedore do the importing and failure reporting.
+stevedore do the importing and failure reporting. A disabled plugin is never imported.
 
-Every outcome is a :class:`~core.plugin.PluginRecord`. Only configuration mistakes
-(:class:`~core.config.ConfigError`) and a failed plugin named in ``required_plugins``
-(:class:`RequiredPluginError`) stop the daemon; anything else a plugin does wrong is recorded.
+Every outcome is a :class:`~core.plugin.PluginRecord`; a plugin gets its record once its outcome is
+decided, so no record is ever "pending". Only configuration mistakes (:class:`~core.config.ConfigError`)
+and a failed plugin named in ``required_plugins`` (:class:`RequiredPluginError`) stop the daemon;
+anything else a plugin does wrong is recorded.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
-import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stevedore.extension import Extension, ExtensionManager
+from stevedore.named import NamedExtensionManager
 
 from core.config import Config, ConfigError, from_table
 from core.plugin import InitContext, PluginRecord, Registration, SkipPlugin, Status
 from core.plugin_types import PLUGIN_TYPES
 
+if TYPE_CHECKING:
+    import pluggy
+
+    from core.events import Exchange
+    from core.metadata import MetadataStore
+
 log = logging.getLogger("containerkit.plugins")
 
 
 class RequiredPluginError(Exception):
-    """A plugin listed in ``required_plugins`` is missing or did not initialise ``ok``."""
+    """A plugin listed in ``required_plugins`` did not initialise ``ok``."""
 
 
-class _FreshEntryPoints(ExtensionManager):
-    """stevedore's manager, listing entry points without its mtime-keyed cache (see module doc)."""
+class _Importer(NamedExtensionManager):
+    """stevedore's importer over entry points the caller listed fresh (not its cache, see module doc)."""
+
+    def __init__(
+        self,
+        group: str,
+        entry_points: list[importlib.metadata.EntryPoint],
+        names: list[str],
+        on_failure: Callable[[ExtensionManager, importlib.metadata.EntryPoint, BaseException], None],
+    ) -> None:
+        self._fresh = entry_points
+        super().__init__(group, names, on_load_failure_callback=on_failure, on_missing_entrypoints_callback=None)
 
     def list_entry_points(self) -> list[importlib.metadata.EntryPoint]:
-        return list(importlib.metadata.entry_points(group=self.namespace))
+        return self._fresh
 
 
-def discover(group: str) -> list[Extension]:
-    """Import every plugin of an entry-point group. A plugin whose import raises comes back as an
-    Extension with ``plugin=None`` and the formatted error in ``obj``."""
-    failures: dict[str, str] = {}
+def discover(
+    group: str, skip: Collection[str] = (), installed: importlib.metadata.EntryPoints | None = None
+) -> list[Extension]:
+    """One Extension per entry point of ``group``, its plugin imported unless its name is in ``skip``.
+
+    ``installed`` is every entry point of the environment, listed once by a caller that discovers
+    several groups (listing costs a scan of all installed distributions); by default it is listed here.
+    A plugin whose import raises comes back with ``plugin=None`` and the error in ``obj``; a skipped
+    one with ``plugin`` and ``obj`` both None.
+    """
+    entry_points = list((installed or importlib.metadata.entry_points()).select(group=group))
+    failed: list[Extension] = []
 
     def on_failure(_manager: ExtensionManager, entry_point: importlib.metadata.EntryPoint, err: BaseException) -> None:
-        failures[entry_point.name] = f"import of {entry_point.value} failed: {_describe(err)}"
+        failed.append(
+            Extension(entry_point.name, entry_point, None, f"import of {entry_point.value} failed: {_describe(err)}")
+        )
 
-    manager = _FreshEntryPoints(group, on_load_failure_callback=on_failure)
-    extensions = list(manager)
-    for entry_point in manager.list_entry_points():
-        if entry_point.name in failures:
-            extensions.append(Extension(entry_point.name, entry_point, None, failures.pop(entry_point.name)))
-    return extensions
+    imported = _Importer(group, entry_points, [ep.name for ep in entry_points if ep.name not in skip], on_failure)
+    skipped = [Extension(ep.name, ep, None, None) for ep in entry_points if ep.name in skip]
+    return [*imported, *failed, *skipped]
 
 
 def _describe(err: BaseException) -> str:
-    return "".join(traceback.format_exception_only(err)).strip().splitlines()[-1]
+    """``ExcType: message`` on one line (a record's reason is one row of ``ckctl plugins ls``)."""
+    message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 
 def _package_of(extension: Extension) -> str:
@@ -65,25 +92,48 @@ def _package_of(extension: Extension) -> str:
     return f"{dist.name} {dist.version}" if dist is not None else ""
 
 
-def _matches(selector: str, record: PluginRecord) -> bool:
-    """``selector`` names a plugin as ``type.id`` or, where unambiguous, as a bare ``id``."""
-    return selector in (record.name, record.id)
+def _matches(selector: str, plugin_type: str, plugin_id: str) -> bool:
+    """``selector`` names a plugin as ``type.id`` or by its bare ``id`` (then of any type)."""
+    return selector in (f"{plugin_type}.{plugin_id}", plugin_id)
+
+
+def _close(name: str, instance: object) -> None:
+    close = getattr(instance, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            log.exception("closing plugin %s failed", name)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """An installed, importable plugin whose outcome is not decided yet."""
+
+    type: str
+    id: str
+    package: str
+    registration: Registration
+
+    @property
+    def name(self) -> str:
+        return f"{self.type}.{self.id}"
 
 
 class PluginLoader:
     """Loads the plugins a config selects and keeps them until :meth:`close`.
 
     ``extensions`` maps a plugin type to its already-loaded stevedore extensions; tests pass
-    ``ExtensionManager.make_test_instance`` results here, the daemon leaves it to discovery.
+    in-memory ``Extension`` objects here, the daemon leaves it to :func:`discover`.
     """
 
     def __init__(
         self,
         config: Config,
         *,
-        metadata: Any,
-        hooks: Any,
-        events: Any,
+        metadata: MetadataStore,
+        hooks: pluggy.PluginManager,
+        events: Exchange,
         extensions: Mapping[str, Iterable[Extension]] | None = None,
     ) -> None:
         self.config = config
@@ -92,22 +142,26 @@ class PluginLoader:
         self.events = events
         self._extensions = extensions
         self.records: dict[str, PluginRecord] = {}
-        self._registrations: dict[str, Registration] = {}
+        self._candidates: dict[str, _Candidate] = {}
         self._configs: dict[str, Any] = {}
+        self._started: list[tuple[str, object]] = []
 
     def load(self) -> dict[str, PluginRecord]:
-        """Discover and initialise; returns the records in initialisation order.
+        """Discover and initialise; returns the records of the plugins that reached initialisation,
+        in that order, then the others (disabled, not importable, invalid, in a dependency cycle).
 
-        Raises ConfigError for an unknown plugin named in config or an invalid plugin table, and
-        RequiredPluginError when a required plugin is not ``ok`` (after closing what was started).
+        Raises ConfigError, initialising nothing, for a plugin named in config that is not installed
+        or an invalid plugin table; raises RequiredPluginError, after closing what was started, when
+        a required plugin is not ``ok``.
         """
         self._discover()
-        self._check_config()
+        self._configure()
         order = self._order()
         for name in order:
-            self._init(self.records[name])
-        # Records of plugins never initialised (skipped, failed on import) follow the initialised ones.
-        self.records = {name: self.records[name] for name in [*order, *(n for n in self.records if n not in order)]}
+            self._init(self._candidates[name])
+        ordered = {name: self.records[name] for name in dict.fromkeys([*order, *self.records])}
+        self.records.clear()  # in place: init contexts hold this mapping
+        self.records.update(ordered)
         try:
             self._check_required()
         except RequiredPluginError:
@@ -115,166 +169,226 @@ class PluginLoader:
             raise
         return self.records
 
+    def close(self) -> None:
+        """Unregister the hooks of and close every started plugin, in reverse initialisation order.
+        A failing close is logged, not raised; calling this again does nothing."""
+        while self._started:
+            name, instance = self._started.pop()
+            self.hooks.unregister(name=name)
+            _close(name, instance)
+
     def _discover(self) -> None:
         disabled = self.config.disabled_plugins
+        installed = importlib.metadata.entry_points() if self._extensions is None else None
         for plugin_type in PLUGIN_TYPES.values():
-            if self._extensions is not None:
-                extensions = list(self._extensions.get(plugin_type.name, ()))
-            else:
-                extensions = discover(plugin_type.group)
-            for extension in extensions:
-                record = PluginRecord(type=plugin_type.name, id=extension.name, package=_package_of(extension))
-                if record.name in self.records:
-                    first = self.records[record.name]
-                    first.status, first.reason = (
-                        Status.ERROR,
-                        f"id {record.id!r} is provided twice ({first.package}, {record.package})",
-                    )
-                    self._registrations.pop(record.name, None)
-                    continue
-                self.records[record.name] = record
-                if any(_matches(selector, record) for selector in disabled):
-                    record.status, record.reason = Status.SKIP, "disabled by config (disabled_plugins)"
-                elif extension.plugin is None:
-                    record.reason = str(extension.obj)
-                elif not isinstance(extension.plugin, Registration):
-                    record.reason = f"entry point {extension.entry_point_target} is not a core.plugin.Registration"
-                else:
-                    self._registrations[record.name] = extension.plugin
-                    record.requires = extension.plugin.requires
-                    record.capabilities = extension.plugin.capabilities
+            by_id: dict[str, list[Extension]] = {}
+            for extension in self._extensions_of(plugin_type.name, plugin_type.group, installed):
+                by_id.setdefault(extension.name, []).append(extension)
+            for plugin_id, extensions in by_id.items():
+                self._classify(plugin_type.name, plugin_id, extensions)
         for selector in disabled:
-            if not any(_matches(selector, r) for r in self.records.values()):
+            if not any(_matches(selector, r.type, r.id) for r in self.records.values()):
                 log.warning("disabled_plugins names %r, which is not installed", selector)
 
-    def _check_config(self) -> None:
+    def _extensions_of(
+        self, type_name: str, group: str, installed: importlib.metadata.EntryPoints | None
+    ) -> list[Extension]:
+        if self._extensions is not None:
+            return list(self._extensions.get(type_name, ()))
+        disabled = self.config.disabled_plugins
+        skip = {*disabled, *(s.removeprefix(f"{type_name}.") for s in disabled)}
+        return discover(group, skip, installed)
+
+    def _classify(self, type_name: str, plugin_id: str, extensions: list[Extension]) -> None:
+        """Record the outcome of a plugin that cannot be initialised, or make it a candidate."""
+        package = ", ".join(_package_of(extension) for extension in extensions)
+        plugin = extensions[0].plugin
+        if any(_matches(selector, type_name, plugin_id) for selector in self.config.disabled_plugins):
+            status, reason = Status.SKIP, "disabled by config (disabled_plugins)"
+        elif len(extensions) > 1:
+            status, reason = Status.ERROR, f"provided by more than one package ({package}); uninstall all but one"
+        elif plugin is None:
+            status, reason = Status.ERROR, str(extensions[0].obj)
+        elif not isinstance(plugin, Registration):
+            target = getattr(extensions[0].entry_point, "value", plugin_id)
+            status, reason = Status.ERROR, f"{target} is not a core.plugin.Registration (got {type(plugin).__name__})"
+        else:
+            candidate = _Candidate(type_name, plugin_id, package, plugin)
+            self._candidates[candidate.name] = candidate
+            return
+        record = PluginRecord(type=type_name, id=plugin_id, package=package, status=status, reason=reason)
+        self.records[record.name] = record
+
+    def _configure(self) -> None:
+        """Check that config names only installed plugins and build every candidate's config.
+
+        Raises one ConfigError listing every mistake. A candidate whose declared config cannot be
+        built at all (a bug in the plugin) is recorded as ``error``.
+        """
+        installed = {**self.records, **self._candidates}
+        known = ", ".join(sorted(installed)) or "none"
         problems: list[str] = []
-        known = ", ".join(sorted(self.records)) or "none"
         for selector in self.config.required_plugins:
-            if not any(_matches(selector, r) for r in self.records.values()):
+            if not any(_matches(selector, p.type, p.id) for p in installed.values()):
                 problems.append(f"required_plugins names {selector!r}, which is not installed (installed: {known})")
         for type_name, tables in self.config.plugins.items():
             if type_name not in PLUGIN_TYPES:
                 problems.append(f"[plugins.{type_name}]: unknown plugin type (types: {', '.join(PLUGIN_TYPES)})")
                 continue
             for plugin_id in tables:
-                if f"{type_name}.{plugin_id}" not in self.records:
+                if f"{type_name}.{plugin_id}" not in installed:
                     problems.append(
                         f"[plugins.{type_name}.{plugin_id}]: no such plugin is installed (installed: {known})"
                     )
-        for name, registration in self._registrations.items():
-            record = self.records[name]
-            table = self.config.plugins.get(record.type, {}).get(record.id, {})
+        for candidate in list(self._candidates.values()):
+            table = self.config.plugins.get(candidate.type, {}).get(candidate.id, {})
             try:
-                self._configs[name] = self._plugin_config(registration, table, f"plugins.{name}")
+                self._configs[candidate.name] = _plugin_config(
+                    candidate.registration, table, f"plugins.{candidate.name}"
+                )
             except ConfigError as err:
                 problems.append(str(err))
+            except Exception as err:
+                self._settle(candidate, Status.ERROR, f"its declared config is unusable: {_describe(err)}")
         if problems:
             raise ConfigError("; ".join(problems))
 
-    @staticmethod
-    def _plugin_config(registration: Registration, table: dict[str, Any], where: str) -> Any:
-        if registration.config is None:
-            if table:
-                raise ConfigError(f"[{where}]: this plugin takes no configuration (got {', '.join(table)})")
-            return None
-        return from_table(registration.config, table, where)
-
     def _providers(self, requirement: str) -> list[str]:
-        """The plugin names a requirement points at."""
-        if requirement in self.records:
+        """The names of the installed plugins a requirement (``type`` or ``type.id``) points at."""
+        installed = {**self.records, **self._candidates}
+        if requirement in installed:
             return [requirement]
-        return [name for name, record in self.records.items() if record.type == requirement]
+        return sorted(name for name, plugin in installed.items() if plugin.type == requirement)
 
     def _order(self) -> list[str]:
-        """Initialisation order over the loadable plugins; plugins in a dependency cycle get ``error``."""
-        pending = {name: self._dependencies(name) for name in self._registrations}
+        """The candidates in initialisation order; those in a dependency cycle are recorded as ``error``."""
+        pending = {
+            name: {p for req in c.registration.requires for p in self._providers(req)} - {name}
+            for name, c in self._candidates.items()
+        }
         order: list[str] = []
         while pending:
-            ready = sorted(name for name, deps in pending.items() if not deps & pending.keys())
-            if not ready:
-                for name in pending:
-                    record = self.records[name]
-                    record.status, record.reason = Status.ERROR, f"dependency cycle: {self._cycle_from(name, pending)}"
-                break
-            for name in ready:
-                order.append(name)
+            leaving = sorted(name for name, deps in pending.items() if not deps & pending.keys())
+            order.extend(leaving)
+            if not leaving:
+                leaving = _cycle(min(pending), pending)
+                reason = f"dependency cycle: {' -> '.join([*leaving, leaving[0]])}"
+                for name in leaving:
+                    self._settle(self._candidates[name], Status.ERROR, reason)
+            for name in leaving:
                 del pending[name]
         return order
 
-    def _dependencies(self, name: str) -> set[str]:
-        return {provider for req in self.records[name].requires for provider in self._providers(req)} - {name}
-
-    def _cycle_from(self, start: str, pending: Mapping[str, set[str]]) -> str:
-        path = [start]
-        while True:
-            nxt = sorted(pending[path[-1]] & pending.keys())[0]
-            if nxt in path:
-                return " -> ".join([*path[path.index(nxt) :], nxt])
-            path.append(nxt)
-
-    def _unmet_requirement(self, record: PluginRecord) -> str | None:
-        for requirement in record.requires:
-            providers = [self.records[n] for n in self._providers(requirement) if n != record.name]
+    def _unmet_requirement(self, candidate: _Candidate) -> str | None:
+        """Why a candidate cannot be initialised: a requirement with no provider, or whose providers
+        (other than the candidate itself, all decided by now) are none ``ok``."""
+        for requirement in candidate.registration.requires:
+            providers = self._providers(requirement)
             if not providers:
                 return f"requires {requirement}, which is not installed"
-            if not any(p.status is Status.OK for p in providers):
-                why = "; ".join(f"{p.name} is {p.status}: {p.reason}" for p in providers)
+            others = [self.records[name] for name in providers if name != candidate.name]
+            if others and not any(p.status is Status.OK for p in others):
+                why = "; ".join(f"{p.name} is {p.status}: {p.reason}" for p in others)
                 return f"requires {requirement}, which is not ok ({why})"
         return None
 
-    def _init(self, record: PluginRecord) -> None:
-        unmet = self._unmet_requirement(record)
+    def _init(self, candidate: _Candidate) -> None:
+        unmet = self._unmet_requirement(candidate)
         if unmet:
-            record.status, record.reason = Status.ERROR, unmet
+            self._settle(candidate, Status.ERROR, unmet)
             return
-        registration = self._registrations[record.name]
+        root, state = Path(self.config.root).absolute(), Path(self.config.state).absolute()
         context = InitContext(
-            type=record.type,
-            id=record.id,
-            root=Path(self.config.root) / record.name,
-            state=Path(self.config.state) / record.name,
-            config=self._configs[record.name],
+            type=candidate.type,
+            id=candidate.id,
+            root=root / candidate.name,
+            state=state / candidate.name,
+            config=self._configs[candidate.name],
             metadata=self.metadata,
             hooks=self.hooks,
             events=self.events,
-            daemon_root=Path(self.config.root),
-            capabilities=list(registration.capabilities),
+            daemon_root=root,
+            capabilities=list(candidate.registration.capabilities),
             _loaded=self.records,
         )
+        instance = None
         try:
-            instance = registration.init(context)
-            if instance is None:
-                raise TypeError(f"init of {record.name} returned None instead of the plugin instance")
-            self.hooks.register(instance, name=record.name)
+            instance = candidate.registration.init(context)
+            self._start(candidate, instance)
         except SkipPlugin as skip:
-            record.status, record.reason = Status.SKIP, str(skip)
-            log.info("plugin %s skipped: %s", record.name, skip)
+            log.info("plugin %s skipped: %s", candidate.name, skip)
+            self._settle(candidate, Status.SKIP, str(skip))
             return
         except Exception as err:
-            record.status, record.reason = Status.ERROR, _describe(err)
-            log.error("plugin %s failed to initialise: %s", record.name, record.reason, exc_info=True)
+            log.error("plugin %s failed to initialise: %s", candidate.name, _describe(err), exc_info=True)
+            if not self._is_started(instance):
+                _close(candidate.name, instance)
+            self._settle(candidate, Status.ERROR, _describe(err))
             return
-        record.status, record.reason, record.instance = Status.OK, "", instance
-        record.exports, record.capabilities = dict(context.exports), tuple(context.capabilities)
-        log.debug("plugin %s initialised", record.name)
+        log.debug("plugin %s initialised", candidate.name)
+        self._settle(
+            candidate,
+            Status.OK,
+            instance=instance,
+            exports=dict(context.exports),
+            capabilities=tuple(context.capabilities),
+        )
+
+    def _start(self, candidate: _Candidate, instance: object) -> None:
+        """Check ``instance`` against its type's interface and register its hooks. An instance that
+        another plugin returned before (an alias) is neither registered nor closed twice."""
+        interface = PLUGIN_TYPES[candidate.type].interface
+        if instance is None or (interface is not None and not isinstance(instance, interface)):
+            wanted = f"a {interface.__module__}.{interface.__qualname__}" if interface else "the plugin instance"
+            raise TypeError(f"init returned {type(instance).__name__}, not {wanted}")
+        if self._is_started(instance):
+            return
+        self.hooks.register(instance, name=candidate.name)
+        unknown = sorted(c.name for c in self.hooks.get_hookcallers(instance) or () if not c.has_spec())
+        if unknown:
+            self.hooks.unregister(name=candidate.name)
+            raise TypeError(f"implements {', '.join(unknown)}, which core.hookspecs does not declare")
+        self._started.append((candidate.name, instance))
+
+    def _is_started(self, instance: object) -> bool:
+        return any(instance is started for _, started in self._started)
+
+    def _settle(self, candidate: _Candidate, status: Status, reason: str = "", **outcome: Any) -> None:
+        """Record a candidate's outcome (``outcome``: further PluginRecord fields); it is a candidate no more."""
+        del self._candidates[candidate.name]
+        outcome.setdefault("capabilities", candidate.registration.capabilities)
+        self.records[candidate.name] = PluginRecord(
+            type=candidate.type,
+            id=candidate.id,
+            package=candidate.package,
+            requires=candidate.registration.requires,
+            status=status,
+            reason=reason,
+            **outcome,
+        )
 
     def _check_required(self) -> None:
-        for selector in self.config.required_plugins:
-            for record in self.records.values():
-                if _matches(selector, record) and record.status is not Status.OK:
-                    raise RequiredPluginError(f"required plugin {record.name} is {record.status}: {record.reason}")
+        failed = [
+            f"{r.name} is {r.status}: {r.reason}"
+            for r in self.records.values()
+            if r.status is not Status.OK and any(_matches(s, r.type, r.id) for s in self.config.required_plugins)
+        ]
+        if failed:
+            raise RequiredPluginError(f"required plugin {'; '.join(failed)}")
 
-    def close(self) -> None:
-        """Close the initialised plugins in reverse order; a failing close is logged, not raised."""
-        for record in reversed(list(self.records.values())):
-            if record.status is not Status.OK or record.instance is None:
-                continue
-            close = getattr(record.instance, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    log.exception("closing plugin %s failed", record.name)
-            self.hooks.unregister(name=record.name)
-            record.instance = None
+
+def _plugin_config(registration: Registration, table: dict[str, Any], where: str) -> Any:
+    """The plugin's config built from its table (defaults where absent), or None if it takes none."""
+    if registration.config is None:
+        if table:
+            raise ConfigError(f"[{where}]: this plugin takes no configuration (got {', '.join(table)})")
+        return None
+    return from_table(registration.config, table, where)
+
+
+def _cycle(start: str, pending: Mapping[str, set[str]]) -> list[str]:
+    """A dependency cycle reached from ``start``, where every pending plugin waits on another."""
+    path = [start]
+    while (following := min(pending[path[-1]] & pending.keys())) not in path:
+        path.append(following)
+    return path[path.index(following) :]

@@ -36,11 +36,13 @@ class Registration:
     """A plugin's declaration.
 
     ``init`` receives an :class:`InitContext` and returns the plugin instance (implementing the
-    type's interface), raises :class:`SkipPlugin` to decline, or raises anything else to fail.
-    ``requires`` lists what must be initialised first: a type (``"content"``: every plugin of that
-    type, at least one ``ok``) or one plugin (``"snapshotter.overlayfs"``). ``config`` is a dataclass
-    whose fields, with their defaults, are the keys accepted in ``[plugins.<type>.<id>]``.
-    ``capabilities`` are free-form words other components act on (e.g. ``"rebase"``).
+    type's interface, see :mod:`core.plugin_types`), raises :class:`SkipPlugin` to decline, or raises
+    anything else to fail. ``requires`` lists what must be initialised first: a type (``"content"``:
+    every plugin of that type, at least one ``ok``) or one plugin (``"snapshotter.overlayfs"``); a
+    plugin never waits on itself, so requiring its own type means the *other* plugins of that type.
+    ``config`` is a dataclass whose fields, with their defaults, are the keys accepted in
+    ``[plugins.<type>.<id>]`` (see :func:`core.config.from_table`). ``capabilities`` are free-form
+    words other components act on (e.g. ``"rebase"``).
     """
 
     init: Callable[[InitContext], object]
@@ -48,8 +50,15 @@ class Registration:
     config: type | None = None
     capabilities: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        for name in ("requires", "capabilities"):
+            if isinstance(getattr(self, name), str):
+                raise TypeError(f"Registration.{name} is a tuple of strings; got a string (missing comma?)")
+
 
 class Status(enum.StrEnum):
+    """A plugin's outcome; a record exists only once its plugin has one."""
+
     OK = "ok"
     SKIP = "skip"
     ERROR = "error"
@@ -57,14 +66,17 @@ class Status(enum.StrEnum):
 
 @dataclass
 class PluginRecord:
-    """The outcome of loading one plugin: what ``ckctl plugins ls`` and introspection show."""
+    """The outcome of loading one plugin: what ``ckctl plugins ls`` and introspection show.
+
+    ``reason`` says why a plugin is not ``ok``; ``instance`` is set only when it is.
+    """
 
     type: str
     id: str
+    status: Status
+    reason: str = ""
     package: str = ""
     requires: tuple[str, ...] = ()
-    status: Status = Status.ERROR
-    reason: str = ""
     exports: dict[str, str] = field(default_factory=dict)
     capabilities: tuple[str, ...] = ()
     instance: object | None = None
@@ -111,5 +123,6 @@ class InitContext:
         return {r.id: r.instance for r in self._loaded.values() if r.type == type and r.status is Status.OK}
 
     def records(self) -> list[PluginRecord]:
-        """The records of every plugin seen so far (for introspection)."""
+        """The records of every plugin whose outcome is decided: during loading, those decided
+        before this plugin; once loading is over, all of them in the loader's order."""
         return list(self._loaded.values())
