@@ -59,7 +59,22 @@ class Status:
     updated_at: datetime = EPOCH
 
 
-class ReaderAt(ABC):
+class _ClosesOnExit(ABC):
+    """Usable in a ``with`` block, which calls :meth:`close` on the way out."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class ReaderAt(_ClosesOnExit):
     """Random access to one committed blob. Close it (or use ``with``) to release the file."""
 
     @property
@@ -84,16 +99,8 @@ class ReaderAt(ABC):
             yield chunk
             offset += len(chunk)
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class Writer(ABC):
+class Writer(_ClosesOnExit):
     """Appends to the ingest ``ref`` while holding its lock; at most one open writer per ref.
 
     ``close()`` (or leaving a ``with`` block) releases the lock and keeps the data for resumption.
@@ -140,14 +147,6 @@ class Writer(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the ref's lock and keep the ingest for resumption. Idempotent; no-op after commit."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 class ContentStore(ABC):
