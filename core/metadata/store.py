@@ -99,6 +99,10 @@ class MetadataStore:
         self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._closed = False
         self._server_uuid: str | None = None
+        self.gc_lock = threading.RLock()
+        """Held by the garbage collector from mark to sweep, and briefly by any mutation that adds a
+        reference the collector must see (a content commit, a lease resource), so that nothing becomes
+        referenced between the two phases."""
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             with self._translated_errors():
