@@ -44,6 +44,12 @@ class Unavailable(ContainerkitError):
     grpc_code = "UNAVAILABLE"
 
 
+class OutOfRange(ContainerkitError):
+    """An offset lies outside the object (a read past a blob's end, a write away from an ingest's offset)."""
+
+    grpc_code = "OUT_OF_RANGE"
+
+
 class NotImplementedByPlugin(ContainerkitError):
     """The plugin serving the request does not support this operation."""
 
@@ -52,5 +58,13 @@ class NotImplementedByPlugin(ContainerkitError):
 
 ERRORS_BY_CODE: dict[str, type[ContainerkitError]] = {
     cls.grpc_code: cls
-    for cls in (NotFound, AlreadyExists, InvalidArgument, FailedPrecondition, Unavailable, NotImplementedByPlugin)
+    for cls in (
+        NotFound,
+        AlreadyExists,
+        InvalidArgument,
+        FailedPrecondition,
+        Unavailable,
+        OutOfRange,
+        NotImplementedByPlugin,
+    )
 }

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:
+    from core.gc import ResourceKind
 
 PROJECT = "containerkit"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -37,6 +40,19 @@ def containerkit_event(namespace: str, topic: str, event: Any) -> None:
     ``event`` is the protobuf message containerd publishes for that topic. Observers cannot veto or
     change anything; an exception is logged and does not reach the publisher or other observers.
     Called on the publisher's thread: return quickly.
+    """
+
+
+@hookspec
+def containerkit_gc_kinds() -> list[ResourceKind]:
+    """Contribute the resource kinds this plugin owns to garbage collection.
+
+    Called by the collector (:class:`core.gc.Collector`) at the start of every collection, in the
+    daemon; return a list of :class:`core.gc.ResourceKind` (possibly empty). Each resource type
+    (``"content"``, ``"snapshot/overlayfs"``, ...) must be owned by exactly one kind across all
+    implementations: when two kinds claim the same type the collection is refused with
+    FailedPrecondition and removes nothing, since neither kind alone can be trusted to know every
+    reference. An exception here also aborts the collection before anything is removed.
     """
 
 

@@ -66,6 +66,12 @@ PLUGIN_TYPES: dict[str, PluginType] = {
             "Host networks and container attachments, e.g. a Linux bridge.",
         ),
         PluginType(
+            "gc",
+            "core.gc:GarbageCollector",
+            "io.containerd.gc.v1",
+            "Garbage collection: removes what no image, lease or label keeps alive.",
+        ),
+        PluginType(
             "service",
             None,
             "io.containerd.grpc.v1",

@@ -66,7 +66,7 @@ def _wrap_unary(behaviour: Callable[..., Any], method: str) -> Callable[..., Any
         try:
             return behaviour(request, context)
         except Exception as err:
-            if _is_abort(err):
+            if _is_abort(err, context):
                 raise
             _abort(context, err, method)
 
@@ -78,16 +78,19 @@ def _wrap_streaming(behaviour: Callable[..., Iterator[Any]], method: str) -> Cal
         try:
             yield from behaviour(request, context)
         except Exception as err:
-            if _is_abort(err):
+            if _is_abort(err, context):
                 raise
             _abort(context, err, method)
 
     return handler
 
 
-def _is_abort(err: Exception) -> bool:
-    # grpc's context.abort raises a bare Exception subclass private to grpc._server.
-    return type(err).__module__.startswith("grpc")
+def _is_abort(err: Exception, context: grpc.ServicerContext) -> bool:
+    # grpc's context.abort records the status on the context, then raises a bare Exception (grpc 1.85;
+    # older versions raised a class private to grpc._server): either way the status is already set.
+    if type(err).__module__.startswith("grpc"):
+        return True
+    return type(err) is Exception and not err.args and context.code() not in (None, grpc.StatusCode.OK)
 
 
 class ErrorMapping(grpc.ServerInterceptor):

@@ -424,6 +424,7 @@ def test_plugin_types_name_their_groups_interfaces_and_wire_types() -> None:
         "snapshotter": "containerkit.snapshotter",
         "content": "containerkit.content",
         "network": "containerkit.network",
+        "gc": "containerkit.gc",
         "service": "containerkit.service",
     }
     assert PLUGIN_TYPES["runtime"].interface is runtime.Runtime

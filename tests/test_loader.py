@@ -482,7 +482,8 @@ def test_a_table_for_an_uninstalled_plugin_or_unknown_type_is_a_config_error(wor
         loader.load()
     message = str(raised.value)
     assert "[plugins.service.nope]: no such plugin is installed (installed: service.a)" in message
-    assert "[plugins.gadget]: unknown plugin type (types: runtime, snapshotter, content, network, service)" in message
+    types = "runtime, snapshotter, content, network, gc, service"
+    assert f"[plugins.gadget]: unknown plugin type (types: {types})" in message
 
 
 def test_a_table_for_a_disabled_plugin_is_accepted_unchecked(world: World):

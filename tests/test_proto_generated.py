@@ -29,6 +29,9 @@ SERVICE_MODULES = {
         "containerd.services.introspection.v1.Introspection"
     ],
     "core.api.containerd.services.namespaces.v1.namespace": ["containerd.services.namespaces.v1.Namespaces"],
+    "core.api.containerd.services.content.v1.content": ["containerd.services.content.v1.Content"],
+    "core.api.containerd.services.images.v1.images": ["containerd.services.images.v1.Images"],
+    "core.api.containerd.services.leases.v1.leases": ["containerd.services.leases.v1.Leases"],
 }
 
 T = FieldDescriptor
@@ -130,3 +133,85 @@ def test_plugin_wire_roundtrip():
     # Field 1 (type), wire type 2 (length-delimited) => tag byte 0x0a.
     assert data[0] == 0x0A
     assert introspection_pb2.Plugin.FromString(data) == plugin
+
+
+def _numbers(full_name):
+    return {n: (f.number, f.type) for n, f in _fields(full_name).items()}
+
+
+def test_content_write_messages_match_containerd():
+    importlib.import_module("core.api.containerd.services.content.v1.content_pb2")
+    assert _numbers("containerd.services.content.v1.WriteContentRequest") == {
+        "action": (1, T.TYPE_ENUM),
+        "ref": (2, T.TYPE_STRING),
+        "total": (3, T.TYPE_INT64),
+        "expected": (4, T.TYPE_STRING),
+        "offset": (5, T.TYPE_INT64),
+        "data": (6, T.TYPE_BYTES),
+        "labels": (7, T.TYPE_MESSAGE),
+    }
+    assert _numbers("containerd.services.content.v1.WriteContentResponse") == {
+        "action": (1, T.TYPE_ENUM),
+        "started_at": (2, T.TYPE_MESSAGE),
+        "updated_at": (3, T.TYPE_MESSAGE),
+        "offset": (4, T.TYPE_INT64),
+        "total": (5, T.TYPE_INT64),
+        "digest": (6, T.TYPE_STRING),
+    }
+    assert _numbers("containerd.services.content.v1.Status") == {
+        "started_at": (1, T.TYPE_MESSAGE),
+        "updated_at": (2, T.TYPE_MESSAGE),
+        "ref": (3, T.TYPE_STRING),
+        "offset": (4, T.TYPE_INT64),
+        "total": (5, T.TYPE_INT64),
+        "expected": (6, T.TYPE_STRING),
+    }
+    action = descriptor_pool.Default().FindEnumTypeByName("containerd.services.content.v1.WriteAction")
+    assert {v.name: v.number for v in action.values} == {"STAT": 0, "WRITE": 1, "COMMIT": 2}
+    svc = descriptor_pool.Default().FindServiceByName("containerd.services.content.v1.Content")
+    write, read = svc.methods_by_name["Write"], svc.methods_by_name["Read"]
+    assert (write.client_streaming, write.server_streaming) == (True, True)
+    assert (read.client_streaming, read.server_streaming) == (False, True)
+    assert svc.methods_by_name["List"].server_streaming
+
+
+def test_image_skips_fields_four_to_six():
+    importlib.import_module("core.api.containerd.services.images.v1.images_pb2")
+    fields = _fields("containerd.services.images.v1.Image")
+    assert {n: f.number for n, f in fields.items()} == {
+        "name": 1,
+        "labels": 2,
+        "target": 3,
+        "created_at": 7,
+        "updated_at": 8,
+    }
+    assert fields["target"].message_type.full_name == "containerd.types.Descriptor"
+    assert fields["created_at"].message_type.full_name == "google.protobuf.Timestamp"
+    assert _numbers("containerd.services.images.v1.DeleteImageRequest") == {
+        "name": (1, T.TYPE_STRING),
+        "sync": (2, T.TYPE_BOOL),
+    }
+
+
+def test_lease_messages_match_containerd():
+    importlib.import_module("core.api.containerd.services.leases.v1.leases_pb2")
+    assert {n: f.number for n, f in _fields("containerd.services.leases.v1.Lease").items()} == {
+        "id": 1,
+        "created_at": 2,
+        "labels": 3,
+    }
+    # CreateRequest has no field 2.
+    assert {n: f.number for n, f in _fields("containerd.services.leases.v1.CreateRequest").items()} == {
+        "id": 1,
+        "labels": 3,
+    }
+    assert _numbers("containerd.services.leases.v1.Resource") == {"id": (1, T.TYPE_STRING), "type": (2, T.TYPE_STRING)}
+
+
+def test_event_type_names_match_containerd():
+    # ctr and event subscribers resolve payloads by these full names (the type URL).
+    from core.api.containerd.events import content_pb2, image_pb2
+
+    assert content_pb2.ContentDelete.DESCRIPTOR.full_name == "containerd.events.ContentDelete"
+    for name in ("ImageCreate", "ImageUpdate", "ImageDelete"):
+        assert getattr(image_pb2, name).DESCRIPTOR.full_name == f"containerd.services.images.v1.{name}"

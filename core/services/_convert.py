@@ -1,0 +1,31 @@
+"""Conversions shared by the core's gRPC services: timestamps and field masks."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from core.types import EPOCH
+
+
+def timestamp(when: datetime | None) -> Any:
+    """A ``google.protobuf.Timestamp`` for ``when`` (naive datetimes are taken as UTC)."""
+    from google.protobuf import timestamp_pb2
+
+    out = timestamp_pb2.Timestamp()
+    if when is not None and when != EPOCH:
+        out.FromDatetime(when if when.tzinfo else when.replace(tzinfo=UTC))
+    return out
+
+
+def datetime_of(stamp: Any) -> datetime:
+    """The aware UTC datetime of a ``google.protobuf.Timestamp`` (EPOCH when unset)."""
+    if not stamp.seconds and not stamp.nanos:
+        return EPOCH
+    value: datetime = stamp.ToDatetime(tzinfo=UTC)
+    return value
+
+
+def mask_paths(request: Any) -> list[str]:
+    """The paths of a request's ``update_mask`` (``[]`` when absent)."""
+    return list(request.update_mask.paths) if request.HasField("update_mask") else []
