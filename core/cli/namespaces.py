@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from core.cli.args import parse_labels
 from core.cli.client import Client, CliError
 from core.cli.output import print_listing
 
@@ -32,18 +33,6 @@ def add_commands(commands: Any) -> None:
     label.add_argument("name")
     label.add_argument("labels", nargs="+", metavar="KEY=VALUE")
     label.set_defaults(handler=label_namespace)
-
-
-def parse_labels(pairs: list[str]) -> dict[str, str]:
-    """``KEY=VALUE`` arguments as a dict; ``KEY=`` means the empty value, a bare ``KEY`` means ``true`` (as ctr)."""
-    labels = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        value = value if sep else "true"
-        if not key:
-            raise CliError(f"label {pair!r} has no key: use KEY=VALUE")
-        labels[key] = value
-    return labels
 
 
 def _stub(client: Client) -> Any:
