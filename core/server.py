@@ -7,7 +7,9 @@ them into the status codes containerd uses, so no handler deals with gRPC codes 
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -57,6 +59,10 @@ def namespace_of(context: grpc.ServicerContext) -> str:
 def _abort(context: grpc.ServicerContext, err: Exception, method: str) -> None:
     if isinstance(err, ContainerkitError):
         context.abort(getattr(grpc.StatusCode, err.grpc_code), str(err))
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        # A full disk is the operator's to fix, not a bug: say so without a traceback or internal paths.
+        log.warning("%s: %s", method, err.strerror)
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, err.strerror or os.strerror(err.errno))
     log.error("unexpected error in %s", method, exc_info=err)
     context.abort(grpc.StatusCode.UNKNOWN, f"{type(err).__name__}: {err}")
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from core.errors import InvalidArgument, NotFound
+from core.errors import InvalidArgument
 from core.hookspecs import hookimpl
 from core.plugin import InitContext, Registration
 from core.server import namespace_of
@@ -127,12 +127,10 @@ class ImagesService:
         target = message.target
         touches_target = not paths or any(p == "target" or p.startswith("target.") for p in paths)
         if not target.digest and not touches_target:
-            try:
-                current = self.store.get(namespace, message.name)
-            except NotFound:
-                pass
-            else:
-                return Image(name=message.name, target=current.target, labels=dict(message.labels))
+            current = self.store.get(namespace, message.name)  # NotFound for an unknown image, as containerd
+            stored = current.target  # keep the request's annotations: "annotations.<key>" paths read them
+            kept = Descriptor(stored.media_type, stored.digest, stored.size, dict(target.annotations))
+            return Image(name=message.name, target=kept, labels=dict(message.labels))
         return Image(
             name=message.name,
             target=descriptor_of(target),
