@@ -294,11 +294,6 @@ def test_images_tag_ls_label_inspect_rm(daemon: Any) -> None:
 
 
 @integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="core.services.images: Update without a target validates the empty target (invalid digest '')"
-    " before finding that the image does not exist; containerd answers NotFound",
-)
 def test_images_label_of_a_missing_image_is_not_found(daemon: Any) -> None:
     assert "not found" in one_line_error(daemon.ckctl("images", "label", "nosuch", "a=b", check=False))
 
