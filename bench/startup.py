@@ -24,14 +24,12 @@ Numbers only: nothing here asserts on timing.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.metadata
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,30 +38,25 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import grpc
-from google.protobuf import empty_pb2
-
-from core.api.containerd.services.version.v1 import version_pb2_grpc
-
-REPO = Path(__file__).resolve().parent.parent
-PYTHON = sys.executable
-CONTAINERKITD = shutil.which("containerkitd", path=str(Path(PYTHON).parent)) or str(
-    Path(PYTHON).parent / "containerkitd"
+from _daemons import (
+    CONTAINERD,
+    CONTAINERKITD,
+    PYTHON,
+    cleanup,
+    cpu_ms,
+    daemon_argv,
+    memory_kb,
+    python_env,
+    stop,
+    wait_for_version,
 )
-CONTAINERD = shutil.which("containerd") or "/usr/bin/containerd"
+from _daemons import tail as _tail
 
 # Target from the issue: containerkitd within this much of the Python floor.
 TARGET_START_OVER_FLOOR_MS = 100.0
 TARGET_RSS_OVER_FLOOR_MB = 20.0
 
-POLL_INTERVAL_S = 0.002
-CALL_DEADLINE_S = 0.5
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 15.0
-
 FLOOR_CODE = "import grpc, sys, time; sys.stdout.write('ready\\n'); sys.stdout.flush(); time.sleep(3600)"
-
-MNT_DETACH = 2
 
 # Environment for the Python subjects (containerkitd and the floor); set up in main().
 PY_ENV: dict[str, str] | None = None
@@ -87,45 +80,6 @@ class Sample:
 # ---------------------------------------------------------------------------------------------- probes
 
 
-def wait_for_version(address: Path, proc: subprocess.Popen, t0: float) -> tuple[float, int]:
-    """Poll until a Version call on ``unix:address`` is answered; returns (seconds since t0, attempts).
-
-    A fresh channel per attempt, so gRPC's reconnect backoff never enters the measurement.
-    Identical for both daemons.
-    """
-    attempts = 0
-    target = f"unix:{address}"
-    while True:
-        now = time.perf_counter()
-        if now - t0 > START_TIMEOUT_S:
-            raise TimeoutError(f"no Version answer on {address} within {START_TIMEOUT_S:.0f}s")
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {proc.returncode} before answering")
-        if address.exists() and _accepts(address):
-            attempts += 1
-            channel = grpc.insecure_channel(target)
-            try:
-                version_pb2_grpc.VersionStub(channel).Version(empty_pb2.Empty(), timeout=CALL_DEADLINE_S)
-                return time.perf_counter() - t0, attempts
-            except grpc.RpcError:
-                pass
-            finally:
-                channel.close()
-        time.sleep(POLL_INTERVAL_S)
-
-
-def _accepts(address: Path) -> bool:
-    """A cheap AF_UNIX connect, so a gRPC channel is only built once something listens."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(address))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
 def wait_for_line(proc: subprocess.Popen, t0: float) -> float:
     line = proc.stdout.readline()
     elapsed = time.perf_counter() - t0
@@ -134,154 +88,14 @@ def wait_for_line(proc: subprocess.Popen, t0: float) -> float:
     return elapsed
 
 
-def process_tree(pid: int) -> list[int]:
-    """pid and all its descendants (by /proc/*/stat ppid)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(parents.get(p, ()))
-    return tree
-
-
-def cpu_ms(pid: int) -> float:
-    """CPU time (ms) run so far by all threads of pid, from /proc/PID/task/*/schedstat (ns)."""
-    total = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total / 1e6
-
-
-def memory_kb(pid: int) -> tuple[int, int, int, int]:
-    """(VmRSS, VmHWM, Pss) summed over pid and its descendants, and the number of processes."""
-    rss = hwm = pss = 0
-    pids = process_tree(pid)
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    rss += int(line.split()[1])
-                elif line.startswith("VmHWM:"):
-                    hwm += int(line.split()[1])
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    pss += int(line.split()[1])
-        except OSError:
-            continue
-    return rss, hwm, pss, len(pids)
-
-
 # ------------------------------------------------------------------------------------------- lifecycle
-
-
-def stop(proc: subprocess.Popen) -> int | None:
-    """SIGTERM by pid, wait; SIGKILL (by pid) only if it does not go."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
-
-
-def _unescape_mount(path: str) -> str:
-    # /proc/mounts escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(path):
-        if path[i] == "\\" and path[i + 1 : i + 4].isdigit() and len(path[i + 1 : i + 4]) == 3:
-            out.append(chr(int(path[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(path[i])
-            i += 1
-    return "".join(out)
-
-
-def unmount_under(base: Path) -> list[str]:
-    """Lazily unmount every mount point at or under base, deepest first; returns what was unmounted."""
-    prefix = str(base).rstrip("/") + "/"
-    libc = ctypes.CDLL(None, use_errno=True)
-    done: list[str] = []
-    for _ in range(10):  # stacked mounts: repeat until nothing is left
-        points = []
-        with open("/proc/self/mounts") as mounts:
-            for line in mounts:
-                point = _unescape_mount(line.split()[1])
-                if point == str(base) or point.startswith(prefix):
-                    points.append(point)
-        if not points:
-            break
-        for point in sorted(points, key=len, reverse=True):
-            if libc.umount2(os.fsencode(point), MNT_DETACH) == 0:
-                done.append(point)
-            else:
-                err = ctypes.get_errno()
-                print(f"warning: umount {point}: {os.strerror(err)}", file=sys.stderr)
-    return done
-
-
-def cleanup(tmp: Path, notes: list[str]) -> None:
-    unmounted = unmount_under(tmp)
-    if unmounted:
-        notes.append(f"unmounted {len(unmounted)} mount(s) under {tmp}")
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def containerd_config(tmp: Path) -> str:
-    """containerd's defaults (cri included) with every path it would otherwise take moved under tmp."""
-    return "\n".join(
-        [
-            "version = 2",
-            f'root = "{tmp}/root"',
-            f'state = "{tmp}/state"',
-            "[grpc]",
-            f'  address = "{tmp}/c.sock"',
-            "[ttrpc]",
-            f'  address = "{tmp}/c.sock.ttrpc"',
-            "[debug]",
-            '  address = ""',
-            # The opt plugin would otherwise create /opt/containerd; keep it in the temp dir too.
-            '[plugins."io.containerd.internal.v1.opt"]',
-            f'  path = "{tmp}/opt"',
-            "",
-        ]
-    )
 
 
 def run_daemon(subject: str, idle_s: float) -> Sample:
     tmp = Path(tempfile.mkdtemp(prefix="ckb-", dir="/tmp"))
     notes: list[str] = []
     log_path = tmp / "daemon.log"
-    if subject == "containerkit":
-        address = tmp / "ck.sock"
-        argv = [CONTAINERKITD, "--root", f"{tmp}/root", "--state", f"{tmp}/state", "--address", str(address)]
-    else:
-        address = tmp / "c.sock"
-        (tmp / "config.toml").write_text(containerd_config(tmp))
-        argv = [CONTAINERD, "--root", f"{tmp}/root", "--state", f"{tmp}/state", "--address", str(address),
-                "--config", f"{tmp}/config.toml"]  # fmt: skip
+    argv, address = daemon_argv(subject, tmp)
     proc = None
     try:
         with open(log_path, "wb") as log:
@@ -408,22 +222,6 @@ def print_table(summary: dict[str, dict], args: argparse.Namespace, plugins: dic
     print(f"  start: {d_start:+.1f} ms   (target <= +{TARGET_START_OVER_FLOOR_MS:.0f} ms)  {ok_t}")
     print(f"  CPU:   {d_cpu:+.1f} ms   (same budget; CPU time leaves out run-queue waits)")
     print(f"  RSS:   {d_rss:+.1f} MB   (target <= +{TARGET_RSS_OVER_FLOOR_MB:.0f} MB)  {ok_m}")
-
-
-def python_env(inherit: bool, pycache: Path) -> dict[str, str] | None:
-    """The environment for the Python subjects.
-
-    An installed package has its bytecode compiled; a checkout run with PYTHONDONTWRITEBYTECODE=1 (as
-    CI and sandboxes often set) recompiles every repo module at each start, which is not what users
-    see. So by default bytecode goes to a private PYTHONPYCACHEPREFIX (nothing is written into the
-    repo) and the warm-up round fills it. Applies to the floor too.
-    """
-    if inherit:
-        return None
-    env = dict(os.environ)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env["PYTHONPYCACHEPREFIX"] = str(pycache)
-    return env
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from startup import CONTAINERKITD, PYTHON, cleanup, python_env, stop, wait_for_version
+from _daemons import CONTAINERKITD, PYTHON, cleanup, python_env, stop, wait_for_version
 
 REPO_PACKAGES = ("core", "plugins")
 

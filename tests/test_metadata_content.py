@@ -294,6 +294,29 @@ def test_walk_filters_on_digest_size_and_labels(content: ContentMetadata) -> Non
         content.walk("a", ["labels.kind=="])
 
 
+def test_blob_records_are_what_walk_yields_with_times_in_nanoseconds(content: ContentMetadata) -> None:
+    one = commit(content, "a", b"one", labels={"kind": "layer", "a.b": "c"})
+    commit(content, "a", b"two!", labels={"kind": "config"})
+    commit(content, "a", b"three")
+    commit(content, "b", b"elsewhere")
+
+    for filters in ([], ["labels.kind"], [f"digest=={one}"], ["size==5"], ["labels.kind==layer", "size==4"]):
+        infos = list(content.walk("a", filters))
+        records = content.blob_records("a", filters)
+        assert [(d, size, labels) for d, size, _, _, labels in records] == [
+            (info.digest, info.size, info.labels) for info in infos
+        ]
+        for (_, _, created, updated, _), info in zip(records, infos, strict=True):
+            epoch = datetime(1970, 1, 1, tzinfo=UTC)
+            assert epoch + timedelta(microseconds=created // 1000) == info.created_at
+            assert epoch + timedelta(microseconds=updated // 1000) == info.updated_at
+    records = content.blob_records("a")
+    assert records[0][4] is not records[1][4]  # each record has a labels dict of its own
+    assert content.blob_records("nobody") == []
+    with pytest.raises(InvalidArgument):
+        content.blob_records("a", ["labels.kind=="])
+
+
 def test_delete_hides_the_blob_but_leaves_the_bytes_for_gc(
     content: ContentMetadata, backend: LocalContentStore
 ) -> None:

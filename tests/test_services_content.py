@@ -97,6 +97,25 @@ def test_write_in_chunks_commit_info_read_list_delete(content: pb_grpc.ContentSt
     assert code_of(lambda: content.Delete(again, metadata=DEFAULT)) == grpc.StatusCode.NOT_FOUND
 
 
+def test_list_sends_batches_of_100_infos_equal_to_what_info_answers(content: pb_grpc.ContentStub) -> None:
+    listing = ns("listing")
+    digests = sorted(
+        write_blob(content, f"list-{i}", b"blob %d" % i, listing, chunk=64, labels={**ROOT_LABEL, "n": str(i)})
+        for i in range(205)
+    )
+    responses = list(content.List(pb.ListContentRequest(), metadata=listing))
+    assert [len(r.info) for r in responses] == [100, 100, 5]
+    listed = [info for response in responses for info in response.info]
+    assert [info.digest for info in listed] == digests
+    for info in listed[:3] + listed[-3:]:
+        assert info == content.Info(pb.InfoRequest(digest=info.digest), metadata=listing).info
+        assert info.labels["n"] and info.created_at.seconds > 0
+    filtered = [
+        i for r in content.List(pb.ListContentRequest(filters=["labels.n==7"]), metadata=listing) for i in r.info
+    ]
+    assert [info.labels["n"] for info in filtered] == ["7"]
+
+
 def test_large_blob_is_read_in_one_mib_chunks(content: pb_grpc.ContentStub) -> None:
     data = bytes(range(256)) * (10 * 1024 + 3)  # ~2.5 MiB
     session = Session(content)

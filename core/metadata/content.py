@@ -54,7 +54,7 @@ from core.metadata.namespaces import NamespaceStore
 from core.metadata.store import MetadataStore, Migration
 from core.types import EPOCH, Descriptor
 
-__all__ = ["CONTENT_MIGRATIONS", "DEFAULT_INGEST_EXPIRY", "ContentKind", "ContentMetadata", "backend_ref"]
+__all__ = ["CONTENT_MIGRATIONS", "DEFAULT_INGEST_EXPIRY", "BlobRecord", "ContentKind", "ContentMetadata", "backend_ref"]
 
 log = logging.getLogger("containerkit.metadata.content")
 
@@ -96,6 +96,11 @@ CONTENT_MIGRATIONS: tuple[Migration, ...] = (
     """,
 )
 """The schema of component ``content``."""
+
+
+BlobRecord = tuple[str, int, int, int, dict[str, str]]
+"""A blob as :meth:`ContentMetadata.blob_records` lists it: digest, size, created_at and updated_at
+(nanoseconds since the epoch), labels."""
 
 
 def backend_ref(namespace: str, ref: str) -> str:
@@ -196,6 +201,22 @@ class ContentMetadata:
 
         InvalidArgument (raised at once) for a malformed filter.
         """
+        return iter(
+            [
+                Info(digest, size, _from_ns(created), _from_ns(updated), labels)
+                for digest, size, created, updated, labels in self.blob_records(namespace, filters)
+            ]
+        )
+
+    def blob_records(self, namespace: str, filters: Sequence[str] = ()) -> list[BlobRecord]:
+        """What :meth:`walk` yields, as plain ``(digest, size, created_at, updated_at, labels)`` tuples
+        with the times in nanoseconds since the epoch (an :class:`Info` keeps microseconds).
+
+        For listings of many blobs, where building an Info per blob (a validated digest, two
+        datetimes) would cost more than the rest of the listing. Same filters, order and errors
+        as :meth:`walk`; each record has a labels dict of its own. Two queries in one read
+        transaction, whatever the number of blobs.
+        """
         from core import filters as filter_language
 
         matches = filter_language.parse(list(filters))
@@ -204,16 +225,18 @@ class ContentMetadata:
                 "SELECT digest, size, created_at, updated_at FROM blobs WHERE namespace = ? ORDER BY digest",
                 (namespace,),
             ).fetchall()
-            labels: dict[str, dict[str, str]] = {row[0]: {} for row in rows}
+            labels: dict[str, dict[str, str]] = {}
             for digest, key, value in conn.execute(
                 "SELECT digest, key, value FROM blob_labels WHERE namespace = ? ORDER BY digest, key", (namespace,)
             ):
-                labels[digest][key] = value
-        infos = [
-            Info(digest, size, _from_ns(created), _from_ns(updated), labels[digest])
-            for digest, size, created, updated in rows
-        ]
-        return iter([info for info in infos if matches(_info_fields(info))])
+                if (held := labels.get(digest)) is None:
+                    labels[digest] = {key: value}
+                else:
+                    held[key] = value
+        records = [(*row, labels.get(row[0]) or {}) for row in rows]
+        if matches is filter_language.match_all:  # no filters: skip building each blob's fields
+            return records
+        return [record for record in records if matches(_record_fields(record))]
 
     def delete(self, namespace: str, digest: Digest | str) -> None:
         """Remove the namespace's record of the blob; the bytes stay until garbage collection finds
@@ -536,7 +559,7 @@ class _NamespacedWriter(Writer):
         actual = inner.digest()
         if expected is not None and expected.algorithm == actual.algorithm and expected != actual:
             inner.close()  # the ingest stays, to be resumed or aborted
-            raise FailedPrecondition(f'"{self._ref}": unexpected commit digest {actual}, expected {expected}')
+            raise FailedPrecondition(f"unexpected commit digest {actual}, expected {expected}")  # containerd's words
         if expected is not None:
             actual = expected  # the backend verifies it, in its own algorithm when that differs
         with gc_lock:
@@ -753,16 +776,18 @@ def _has_blob(conn: sqlite3.Connection, namespace: str, digest: Digest) -> bool:
 
 
 def _blob_info(conn: sqlite3.Connection, namespace: str, digest: Digest) -> Info | None:
-    row = conn.execute(
-        "SELECT size, created_at, updated_at FROM blobs WHERE namespace = ? AND digest = ?", (namespace, str(digest))
-    ).fetchone()
-    if row is None:
-        return None
-    labels = conn.execute(
-        "SELECT key, value FROM blob_labels WHERE namespace = ? AND digest = ? ORDER BY key", (namespace, str(digest))
+    # One statement for the record and its labels (a row per label; one row of NULL labels without any).
+    rows = conn.execute(
+        "SELECT b.size, b.created_at, b.updated_at, l.key, l.value FROM blobs b"
+        " LEFT JOIN blob_labels l ON l.namespace = b.namespace AND l.digest = b.digest"
+        " WHERE b.namespace = ? AND b.digest = ? ORDER BY l.key",
+        (namespace, str(digest)),
     ).fetchall()
-    size, created, updated = row
-    return Info(digest, size, _from_ns(created), _from_ns(updated), dict(labels))
+    if not rows:
+        return None
+    size, created, updated, key, _ = rows[0]
+    labels = {row[3]: row[4] for row in rows} if key is not None else {}
+    return Info(digest, size, _from_ns(created), _from_ns(updated), labels)
 
 
 def _write_labels(
@@ -782,10 +807,11 @@ def _drop_lease_resource(leases: LeaseStore, namespace: str, lease: str, resourc
         leases.delete_resource(namespace, lease, resource)
 
 
-def _info_fields(info: Info) -> dict[str, Any]:
+def _record_fields(record: BlobRecord) -> dict[str, Any]:
     """What filters see of a blob (containerd's content.AdaptInfo, plus ``size``)."""
-    return {"digest": str(info.digest), "size": str(info.size), "labels": info.labels}
+    digest, size, _, _, labels = record
+    return {"digest": digest, "size": str(size), "labels": labels}
 
 
 def _from_ns(nanoseconds: int) -> datetime:
-    return EPOCH + timedelta(microseconds=nanoseconds // 1000)
+    return EPOCH + timedelta(0, 0, nanoseconds // 1000)  # (days, seconds, microseconds): positional is faster

@@ -128,6 +128,8 @@ class ImageStore:
             ):
                 labels[image][key] = value
         images = [_image(row, labels[row[0]]) for row in rows]
+        if matches is filter_language.match_all:  # no filters: skip building each image's fields
+            return images
         return [image for image in images if matches(_fields(image))]
 
     def create(self, namespace: str, image: Image) -> Image:
@@ -336,7 +338,7 @@ def _read(conn: sqlite3.Connection, namespace: str, name: str) -> Image | None:
 
 def _image(row: tuple[Any, ...], labels: dict[str, str]) -> Image:
     name, media_type, digest, size, annotations, created, updated = row
-    target = Descriptor(media_type, digest, size, json.loads(annotations))
+    target = Descriptor(media_type, digest, size, {} if annotations == "{}" else json.loads(annotations))
     return Image(name, target, labels, _from_ns(created), _from_ns(updated))
 
 
@@ -351,4 +353,4 @@ def _fields(image: Image) -> dict[str, Any]:
 
 
 def _from_ns(nanoseconds: int) -> datetime:
-    return EPOCH + timedelta(microseconds=nanoseconds // 1000)
+    return EPOCH + timedelta(0, 0, nanoseconds // 1000)  # (days, seconds, microseconds): positional is faster

@@ -27,12 +27,12 @@ def descriptor_pb(descriptor: Descriptor) -> Any:
     """The ``containerd.types.Descriptor`` message of ``descriptor``."""
     from core.api.containerd.types import descriptor_pb2
 
-    return descriptor_pb2.Descriptor(
-        media_type=descriptor.media_type,
-        digest=str(descriptor.digest),
-        size=descriptor.size,
-        annotations=dict(descriptor.annotations),
+    message = descriptor_pb2.Descriptor(
+        media_type=descriptor.media_type, digest=str(descriptor.digest), size=descriptor.size
     )
+    if descriptor.annotations:  # a map filled by keyword goes through a slow generic update(), even when empty
+        message.annotations.update(descriptor.annotations)
+    return message
 
 
 def descriptor_of(message: Any) -> Descriptor:
@@ -70,13 +70,15 @@ class ImagesService:
         service, store, events = self, self.store, self._events
 
         def image_pb(image: Image) -> Any:
-            return pb.Image(
+            message = pb.Image(
                 name=image.name,
-                labels=dict(image.labels),
                 target=descriptor_pb(image.target),
                 created_at=timestamp(image.created_at),
                 updated_at=timestamp(image.updated_at),
             )
+            if image.labels:  # as in descriptor_pb: no generic update() of an empty map
+                message.labels.update(image.labels)
+            return message
 
         class Servicer(pb_grpc.ImagesServicer):
             def Get(self, request: Any, context: grpc.ServicerContext) -> Any:

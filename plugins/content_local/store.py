@@ -369,6 +369,7 @@ class LocalContentStore(ContentStore):
         self.root = Path(root)
         self.ingest_expiry = float(ingest_expiry)
         self._blobs = self.root / "blobs"
+        self._blobs_dir = str(self._blobs)
         self._labels = self.root / "labels"
         self._ingests = self.root / "ingest"
         self._lock = threading.Lock()
@@ -383,6 +384,11 @@ class LocalContentStore(ContentStore):
 
     def _blob_path(self, digest: Digest) -> Path:
         return self._blobs / digest.algorithm / digest.hex
+
+    def _blob_file(self, digest: Digest) -> str:
+        """:meth:`_blob_path` as a string, built without pathlib (a few times cheaper) for the read paths."""
+        algorithm, _, encoded = digest.partition(":")
+        return f"{self._blobs_dir}/{algorithm}/{encoded}"
 
     def _labels_path(self, digest: Digest) -> Path:
         return self._labels / digest.algorithm / digest.hex
@@ -425,7 +431,7 @@ class LocalContentStore(ContentStore):
 
     def _info(self, digest: Digest) -> Info:
         try:
-            st = os.stat(self._blob_path(digest))
+            st = os.stat(self._blob_file(digest))
         except FileNotFoundError:
             raise NotFound(f"content digest {digest}: not found") from None
         labels, labelled_at = self._read_labels(digest)
@@ -485,7 +491,7 @@ class LocalContentStore(ContentStore):
     def reader_at(self, target: Descriptor | Digest) -> ReaderAt:
         digest = _checked_digest(target)
         try:
-            fd = os.open(self._blob_path(digest), os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self._blob_file(digest), os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise NotFound(f"content digest {digest}: not found") from None
         try:
