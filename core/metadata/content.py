@@ -707,15 +707,8 @@ class ContentKind:
         return removed
 
     def _remove_record(self, resource: Resource, removed: list[Resource]) -> None:
-        try:
-            with self._store.transaction() as conn:
-                cursor = conn.execute(
-                    "DELETE FROM blobs WHERE namespace = ? AND digest = ?", (resource.namespace, resource.id)
-                )
-            if cursor.rowcount:
-                removed.append(resource)
-        except Exception:
-            log.exception("gc: removing blob %s of namespace %s failed", resource.id, resource.namespace)
+        if self._store.delete_each("blobs", "digest", [(resource.namespace, resource.id)]):
+            removed.append(resource)
 
     def _remove_ingest(self, resource: Resource, removed: list[Resource]) -> str | None:
         """Abort the ingest; return the digest it expected (whose bytes may now be unreferenced)."""

@@ -245,20 +245,9 @@ class ImageKind:
 
     def remove(self, resources: Sequence[Resource]) -> list[Resource]:
         """Delete the given images; return those that existed (never called for roots in practice)."""
-        removed = []
-        for resource in resources:
-            if resource.type != "image":
-                continue
-            try:
-                with self._store.transaction() as conn:
-                    cursor = conn.execute(
-                        "DELETE FROM images WHERE namespace = ? AND name = ?", (resource.namespace, resource.id)
-                    )
-                if cursor.rowcount:
-                    removed.append(resource)
-            except Exception:
-                log.exception("gc: removing image %s in namespace %s failed", resource.id, resource.namespace)
-        return removed
+        wanted = [r for r in resources if r.type == "image"]
+        deleted = self._store.delete_each("images", "name", [(r.namespace, r.id) for r in wanted])
+        return [r for r in wanted if (r.namespace, r.id) in deleted]
 
 
 def label_references(namespace: str, labels: Mapping[str, str]) -> list[Resource]:

@@ -300,20 +300,9 @@ class LeaseKind:
 
     def remove(self, resources: Sequence[Resource]) -> list[Resource]:
         """Delete the given leases; return those that existed. A failure is logged and skipped."""
-        removed = []
-        for resource in resources:
-            if resource.type != "lease":
-                continue
-            try:
-                with self._store.transaction() as conn:
-                    cursor = conn.execute(
-                        "DELETE FROM leases WHERE namespace = ? AND id = ?", (resource.namespace, resource.id)
-                    )
-                if cursor.rowcount:
-                    removed.append(resource)
-            except Exception:
-                log.exception("gc: removing lease %s in namespace %s failed", resource.id, resource.namespace)
-        return removed
+        wanted = [r for r in resources if r.type == "lease"]
+        deleted = self._store.delete_each("leases", "id", [(r.namespace, r.id) for r in wanted])
+        return [r for r in wanted if (r.namespace, r.id) in deleted]
 
 
 _RFC3339 = re.compile(

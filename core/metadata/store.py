@@ -22,14 +22,17 @@ while readers proceed concurrently on their WAL snapshot.
 from __future__ import annotations
 
 import errno
+import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Literal
 
 from core.errors import FailedPrecondition, Unavailable
+
+log = logging.getLogger("containerkit.metadata")
 
 __all__ = ["CORE_MIGRATIONS", "MetadataStore", "Migration"]
 
@@ -269,6 +272,23 @@ class MetadataStore:
                 (value,) = conn.execute("SELECT value FROM server_info WHERE key = 'uuid'").fetchone()
             self._server_uuid = value
         return self._server_uuid
+
+    def delete_each(self, table: str, id_column: str, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Delete the ``(namespace, id)`` rows of ``table``, each in its own transaction; return the keys
+        that existed. A failing deletion is logged and skipped, so one bad row never stops the rest
+        (what the garbage collector's sweep needs)."""
+        deleted = set()
+        for namespace, key in keys:
+            try:
+                with self.transaction() as conn:
+                    cursor = conn.execute(
+                        f"DELETE FROM {table} WHERE namespace = ? AND {id_column} = ?", (namespace, key)
+                    )
+                if cursor.rowcount:
+                    deleted.add((namespace, key))
+            except Exception:
+                log.exception("removing %s %s of namespace %s failed", table, key, namespace)
+        return deleted
 
     def integrity_check(self) -> str:
         """sqlite's ``PRAGMA integrity_check`` result: ``"ok"``, or the problems found, one per line."""
