@@ -13,7 +13,6 @@ images``); ``image_labels`` goes with its image.
 from __future__ import annotations
 
 import json
-import logging
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,7 +29,6 @@ from core.types import EPOCH, Descriptor
 
 __all__ = ["IMAGE_MIGRATIONS", "Image", "ImageKind", "ImageStore", "label_references"]
 
-log = logging.getLogger("containerkit.metadata.images")
 
 LABEL_GC_ROOT = "containerd.io/gc.root"
 """A blob (or snapshot) with this label is a garbage-collection root, whatever its value."""
