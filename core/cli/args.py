@@ -69,12 +69,15 @@ def add_listing_arguments(parser: argparse.ArgumentParser, quiet_help: str) -> N
 
 
 def for_each(names: Iterable[str], action: Callable[[str], None]) -> None:
-    """Apply ``action`` to every name, even after one fails; then raise one CliError naming each failure."""
+    """Apply ``action`` to every name, printing each name it succeeds for (as ``ctr`` does), even after
+    one fails; then raise one CliError naming each failure."""
     failures = []
     for name in names:
         try:
             action(name)
         except CliError as err:
             failures.append(f"{name}: {err}")
+            continue
+        print(name, flush=True)
     if failures:
         raise CliError("; ".join(failures))

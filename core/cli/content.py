@@ -173,7 +173,6 @@ def remove_blobs(client: Client, args: argparse.Namespace) -> int:
 
     def remove(digest: str) -> None:
         client.call(stub.Delete, pb.DeleteContentRequest(digest=digest))
-        print(digest, flush=True)
 
     for_each(args.digests, remove)
     return 0
@@ -207,7 +206,6 @@ def abort_ingests(client: Client, args: argparse.Namespace) -> int:
 
     def abort(ref: str) -> None:
         client.call(stub.Abort, pb.AbortRequest(ref=ref))
-        print(ref, flush=True)
 
     for_each(args.refs, abort)
     return 0

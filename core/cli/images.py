@@ -95,7 +95,6 @@ def remove_images(client: Client, args: argparse.Namespace) -> int:
 
     def remove(name: str) -> None:
         client.call(stub.Delete, pb.DeleteImageRequest(name=name, sync=args.sync))
-        print(name, flush=True)
 
     for_each(args.names, remove)
     return 0
@@ -129,7 +128,6 @@ def tag_image(client: Client, args: argparse.Namespace) -> int:
             client.call(stub.Update, pb.UpdateImageRequest(image=image, update_mask=mask))
         else:
             client.call(stub.Create, pb.CreateImageRequest(image=image))
-        print(name, flush=True)
 
     for_each(args.targets, tag)
     return 0

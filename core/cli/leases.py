@@ -95,7 +95,6 @@ def remove_leases(client: Client, args: argparse.Namespace) -> int:
 
     def remove(lease_id: str) -> None:
         client.call(stub.Delete, pb.DeleteRequest(id=lease_id, sync=args.sync))
-        print(lease_id, flush=True)
 
     for_each(args.ids, remove)
     return 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from core.cli.args import parse_labels
-from core.cli.client import Client, CliError
+from core.cli.args import for_each, parse_labels
+from core.cli.client import Client
 from core.cli.output import print_listing
 
 
@@ -72,16 +72,7 @@ def remove_namespaces(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.namespaces.v1 import namespace_pb2 as pb
 
     stub = _stub(client)
-    failures = []
-    for name in args.names:
-        try:
-            client.call(stub.Delete, pb.DeleteNamespaceRequest(name=name))
-        except CliError as err:
-            failures.append(f"{name}: {err}")
-            continue
-        print(name)
-    if failures:
-        raise CliError("; ".join(failures))
+    for_each(args.names, lambda name: client.call(stub.Delete, pb.DeleteNamespaceRequest(name=name)))
     return 0
 
 
