@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from core.content import ContentStore, Info, ReaderAt, Status, Writer
@@ -51,8 +51,8 @@ from core.metadata.images import LABEL_GC_ROOT, label_references
 from core.metadata.images import migrate as migrate_images
 from core.metadata.leases import LeaseResource, LeaseStore
 from core.metadata.namespaces import NamespaceStore
-from core.metadata.store import MetadataStore, Migration
-from core.types import EPOCH, Descriptor
+from core.metadata.store import MetadataStore, Migration, from_ns
+from core.types import Descriptor
 
 __all__ = ["CONTENT_MIGRATIONS", "DEFAULT_INGEST_EXPIRY", "BlobRecord", "ContentKind", "ContentMetadata", "backend_ref"]
 
@@ -194,7 +194,7 @@ class ContentMetadata:
                 "UPDATE blobs SET updated_at = ? WHERE namespace = ? AND digest = ?", (now, namespace, str(digest))
             )
             _write_labels(conn, namespace, digest, labels, replace_all=True)
-        return Info(digest, current.size, current.created_at, _from_ns(now), labels)
+        return Info(digest, current.size, current.created_at, from_ns(now), labels)
 
     def walk(self, namespace: str, filters: Sequence[str] = ()) -> Iterator[Info]:
         """The namespace's blobs matching ``filters`` (fields ``digest``, ``size``, ``labels.<key>``), by digest.
@@ -203,7 +203,7 @@ class ContentMetadata:
         """
         return iter(
             [
-                Info(digest, size, _from_ns(created), _from_ns(updated), labels)
+                Info(digest, size, from_ns(created), from_ns(updated), labels)
                 for digest, size, created, updated, labels in self.blob_records(namespace, filters)
             ]
         )
@@ -389,7 +389,7 @@ class ContentMetadata:
             size = self._backend.info(Digest(expected)).size
         except NotFound:
             return None
-        return Status(ref, size, size, Digest(expected), _from_ns(started), _from_ns(started))
+        return Status(ref, size, size, Digest(expected), from_ns(started), from_ns(started))
 
     def abort(self, namespace: str, ref: str) -> None:
         """Discard the namespace's ingest ``ref`` and its data.
@@ -780,7 +780,7 @@ def _blob_info(conn: sqlite3.Connection, namespace: str, digest: Digest) -> Info
         return None
     size, created, updated, key, _ = rows[0]
     labels = {row[3]: row[4] for row in rows} if key is not None else {}
-    return Info(digest, size, _from_ns(created), _from_ns(updated), labels)
+    return Info(digest, size, from_ns(created), from_ns(updated), labels)
 
 
 def _write_labels(
@@ -804,7 +804,3 @@ def _record_fields(record: BlobRecord) -> dict[str, Any]:
     """What filters see of a blob (containerd's content.AdaptInfo, plus ``size``)."""
     digest, size, _, _, labels = record
     return {"digest": digest, "size": str(size), "labels": labels}
-
-
-def _from_ns(nanoseconds: int) -> datetime:
-    return EPOCH + timedelta(0, 0, nanoseconds // 1000)  # (days, seconds, microseconds): positional is faster

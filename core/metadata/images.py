@@ -17,14 +17,14 @@ import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from core.errors import AlreadyExists, InvalidArgument, NotFound
 from core.gc import Resource
 from core.labels import validate_labels
 from core.metadata.namespaces import NamespaceStore
-from core.metadata.store import MetadataStore, Migration
+from core.metadata.store import MetadataStore, Migration, from_ns
 from core.types import EPOCH, Descriptor
 
 __all__ = ["IMAGE_MIGRATIONS", "Image", "ImageKind", "ImageStore", "label_references"]
@@ -144,7 +144,7 @@ class ImageStore:
             if _read(conn, namespace, image.name) is not None:
                 raise AlreadyExists(f'image "{image.name}": already exists')
             _write(conn, namespace, image, now, insert=True)
-        return Image(image.name, image.target, image.labels, _from_ns(now), _from_ns(now))
+        return Image(image.name, image.target, image.labels, from_ns(now), from_ns(now))
 
     def update(self, namespace: str, image: Image, fieldpaths: Sequence[str] = ()) -> Image:
         """Change the image named ``image.name``; return it as stored.
@@ -187,7 +187,7 @@ class ImageStore:
                 updated = image
             updated = _validated(updated)
             _write(conn, namespace, updated, now, insert=False)
-        return Image(updated.name, updated.target, updated.labels, current.created_at, _from_ns(now))
+        return Image(updated.name, updated.target, updated.labels, current.created_at, from_ns(now))
 
     def delete(self, namespace: str, name: str) -> None:
         """Delete the image (not its content: the collector removes what nothing references any more).
@@ -326,7 +326,7 @@ def _read(conn: sqlite3.Connection, namespace: str, name: str) -> Image | None:
 def _image(row: tuple[Any, ...], labels: dict[str, str]) -> Image:
     name, media_type, digest, size, annotations, created, updated = row
     target = Descriptor(media_type, digest, size, {} if annotations == "{}" else json.loads(annotations))
-    return Image(name, target, labels, _from_ns(created), _from_ns(updated))
+    return Image(name, target, labels, from_ns(created), from_ns(updated))
 
 
 def _fields(image: Image) -> dict[str, Any]:
@@ -337,7 +337,3 @@ def _fields(image: Image) -> dict[str, Any]:
         "labels": image.labels,
         "annotations": image.target.annotations,
     }
-
-
-def _from_ns(nanoseconds: int) -> datetime:
-    return EPOCH + timedelta(0, 0, nanoseconds // 1000)  # (days, seconds, microseconds): positional is faster

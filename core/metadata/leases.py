@@ -29,7 +29,7 @@ from core.gc import Resource
 from core.identifiers import validate
 from core.labels import validate_labels
 from core.metadata.namespaces import NamespaceStore
-from core.metadata.store import MetadataStore, Migration
+from core.metadata.store import MetadataStore, Migration, from_ns
 from core.types import EPOCH
 
 __all__ = [
@@ -153,7 +153,7 @@ class LeaseStore:
                 "INSERT INTO lease_labels (namespace, lease, key, value) VALUES (?, ?, ?, ?)",
                 [(namespace, lease_id, key, value) for key, value in stored.items()],
             )
-        return Lease(lease_id, _from_ns(now), stored)
+        return Lease(lease_id, from_ns(now), stored)
 
     def get(self, namespace: str, id: str) -> Lease:
         """The lease ``id`` of ``namespace``. NotFound when there is none."""
@@ -163,7 +163,7 @@ class LeaseStore:
             ).fetchone()
             if row is None:
                 raise NotFound(f'lease "{id}": not found')
-            return Lease(id, _from_ns(row[0]), _labels(conn, namespace, id))
+            return Lease(id, from_ns(row[0]), _labels(conn, namespace, id))
 
     def list(self, namespace: str, filters: Sequence[str] = ()) -> list[Lease]:
         """The leases of ``namespace`` matching ``filters`` (fields ``id``, ``labels.<key>``), sorted by id.
@@ -182,7 +182,7 @@ class LeaseStore:
                 "SELECT lease, key, value FROM lease_labels WHERE namespace = ?", (namespace,)
             ):
                 labels[lease_id][key] = value
-        leases = [Lease(lease_id, _from_ns(created), labels[lease_id]) for lease_id, created in rows]
+        leases = [Lease(lease_id, from_ns(created), labels[lease_id]) for lease_id, created in rows]
         return [lease for lease in leases if matches({"id": lease.id, "labels": lease.labels})]
 
     def delete(self, namespace: str, id: str) -> None:
@@ -377,7 +377,3 @@ def _labels(conn: sqlite3.Connection, namespace: str, lease_id: str) -> dict[str
         "SELECT key, value FROM lease_labels WHERE namespace = ? AND lease = ? ORDER BY key", (namespace, lease_id)
     ).fetchall()
     return dict(rows)
-
-
-def _from_ns(nanoseconds: int) -> datetime:
-    return EPOCH + timedelta(microseconds=nanoseconds // 1000)
