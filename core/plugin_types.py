@@ -66,6 +66,12 @@ PLUGIN_TYPES: dict[str, PluginType] = {
             "Host networks and container attachments, e.g. a Linux bridge.",
         ),
         PluginType(
+            "differ",
+            "core.diff:Differ",
+            "io.containerd.differ.v1",
+            "Applies layers onto snapshot mounts and makes layers from two mounts, e.g. the walking differ.",
+        ),
+        PluginType(
             "gc",
             "core.gc:GarbageCollector",
             "io.containerd.gc.v1",

@@ -24,10 +24,18 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from core.errors import InvalidArgument
+from core.errors import InvalidArgument, NotImplementedByPlugin
 from core.types import EPOCH, Mount
 
-__all__ = ["Info", "Kind", "Snapshotter", "Usage"]
+__all__ = ["CAPABILITY_REBASE", "LABEL_REBASE", "Info", "Kind", "Snapshotter", "Usage"]
+
+CAPABILITY_REBASE = "rebase"
+"""Registration capability of a snapshotter that implements :meth:`Snapshotter.rebase`."""
+
+LABEL_REBASE = "containerkit.io/snapshot/rebase"
+"""Label on a parentless :meth:`~Snapshotter.prepare` that will end in :meth:`~Snapshotter.rebase`:
+the snapshotter returns mounts shaped like those of a snapshot with parents (an overlay over an
+empty lower, for overlayfs), so a differ records deletions as the snapshotter's whiteouts."""
 
 
 class Kind(enum.Enum):
@@ -130,6 +138,16 @@ class Snapshotter(ABC):
         labels are not carried over). NotFound when ``key`` is absent; FailedPrecondition when it
         is a view or committed; AlreadyExists when ``name`` is taken.
         """
+
+    def rebase(self, name: str, key: str, parent: str, labels: Mapping[str, str] | None = None) -> None:
+        """Commit active snapshot ``key``, prepared without a parent and with :data:`LABEL_REBASE`, as
+        ``name`` on top of committed ``parent`` (``""``: none); errors as :meth:`commit`, plus NotFound
+        for a missing parent and InvalidArgument when ``key`` has a parent or ``parent`` is not committed.
+
+        Lets layers unpack in parallel. Only snapshotters whose registration declares
+        :data:`CAPABILITY_REBASE` implement it; the default raises NotImplementedByPlugin.
+        """
+        raise NotImplementedByPlugin(f"{type(self).__name__} cannot rebase snapshots")
 
     @abstractmethod
     def remove(self, key: str) -> None:
