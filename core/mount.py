@@ -134,6 +134,7 @@ def parse_options(options: Sequence[str]) -> ParsedOptions:
 def mount_all(mounts: Sequence[Mount], target: str | os.PathLike[str]) -> None:
     """Perform ``mounts`` in order onto ``target`` (each ``Mount.target`` is relative to it).
 
+    A mount with the ``remount`` option changes the one below it (e.g. aufs ``append:`` of a branch).
     All or nothing: if one fails, those already made are unmounted and the OSError is raised.
     """
     done: list[str] = []
@@ -141,7 +142,8 @@ def mount_all(mounts: Sequence[Mount], target: str | os.PathLike[str]) -> None:
         for m in mounts:
             where = os.path.join(os.fspath(target), m.target.lstrip("/")) if m.target else os.fspath(target)
             _mount(m, where)
-            done.append(where)
+            if "remount" not in m.options:
+                done.append(where)
     except BaseException:
         for where in reversed(done):
             unmount(where, detach=True)
