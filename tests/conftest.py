@@ -149,3 +149,38 @@ def make_daemon() -> Iterator[Any]:
 def daemon(make_daemon: Any) -> RunningDaemon:
     """A running containerkitd with the default config."""
     return make_daemon()
+
+
+# -- interop (tests/interop.py): a real docker registry and a real containerd, one each per session ----------
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[Any]:
+    """Debian's docker-registry on 127.0.0.1 and a free port (an ``interop.Registry``), stopped by pid."""
+    from interop import running_registry
+
+    with running_registry() as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def containerd() -> Iterator[Any]:
+    """containerd 1.6 on a private root, state and socket; stopped by pid, leftover mounts unmounted."""
+    from interop import running_containerd
+
+    with running_containerd() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def containerkitd() -> Iterator[RunningDaemon]:
+    """A containerkitd shared by one module's tests (each test keeps to a namespace of its own)."""
+    from interop import _daemons
+
+    daemon = RunningDaemon().start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        _daemons.unmount_under(daemon.dir)
+        daemon.cleanup()
