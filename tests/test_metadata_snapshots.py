@@ -555,3 +555,64 @@ def test_cleanup_calls_the_backend_under_the_gc_lock(
     backend.cleanup = lambda: owned.append(store.gc_lock._is_owned())  # type: ignore[method-assign]
     snapshots.cleanup(SN)
     assert owned == [True]
+
+
+# -- over the real overlay snapshotter ----------------------------------------------------------
+
+
+@pytest.fixture
+def overlay(tmp_path: Path) -> Iterator[Snapshotter]:
+    from plugins.snapshot_overlay import OverlaySnapshotter
+
+    snapshotter = OverlaySnapshotter(tmp_path / "overlay")
+    yield snapshotter
+    snapshotter.close()
+
+
+def layer(snapshots: SnapshotMetadata, name: str, parent: str, files: dict[str, str], **options: Any) -> None:
+    """Prepare, write ``files`` through the mounts, commit (or rebase onto ``parent`` when ``rebase``)."""
+    from core.mount import temp_mount
+
+    rebase = options.pop("rebase", False)
+    labels = {LABEL_REBASE: "true"} if rebase else None
+    mounts = snapshots.prepare(NS, "overlayfs", f"{name}-active", "" if rebase else parent, labels)
+    with temp_mount(mounts) as root:
+        for path, text in files.items():
+            (root / path).write_text(text)
+    if rebase:
+        snapshots.rebase(NS, "overlayfs", name, f"{name}-active", parent, **options)
+    else:
+        snapshots.commit(NS, "overlayfs", name, f"{name}-active", **options)
+
+
+def test_over_overlay_layers_stack_and_rebase_puts_a_layer_on_its_parent(
+    store: MetadataStore, overlay: Snapshotter
+) -> None:
+    from core.mount import temp_mount
+
+    snapshots = SnapshotMetadata(store, {"overlayfs": overlay})
+    layer(snapshots, "l1", "", {"a": "1"})
+    layer(snapshots, "l2", "l1", {"b": "2"})
+    layer(snapshots, "l3", "l2", {"c": "3", "a": "changed"}, rebase=True)
+    assert snapshots.stat(NS, "overlayfs", "l3").parent == "l2"
+    with temp_mount(snapshots.view(NS, "overlayfs", "look", "l3")) as root:
+        assert {p.name: p.read_text() for p in root.iterdir()} == {"a": "changed", "b": "2", "c": "3"}
+    assert snapshots.usage(NS, "overlayfs", "l2").inodes >= 2
+
+
+def test_over_overlay_gc_removes_unreferenced_layers_and_their_directories(
+    store: MetadataStore, overlay: Snapshotter, tmp_path: Path
+) -> None:
+    snapshots = SnapshotMetadata(store, {"overlayfs": overlay})
+    layer(snapshots, "kept", "", {"k": "1"}, labels=ROOT)
+    layer(snapshots, "u1", "kept", {"x": "1"})
+    layer(snapshots, "u2", "u1", {"y": "2"})
+    overlay.prepare("default/999/crashed")
+    assert len(list((tmp_path / "overlay" / "snapshots").iterdir())) == 4
+    assert collect(snapshots, "overlayfs") == [
+        Resource("snapshot/overlayfs", "", "default/999/crashed"),
+        Resource("snapshot/overlayfs", NS, "u1"),
+        Resource("snapshot/overlayfs", NS, "u2"),
+    ]
+    assert [info.name for info in overlay.walk()] == ["default/2/kept"]
+    assert len(list((tmp_path / "overlay" / "snapshots").iterdir())) == 1
