@@ -291,8 +291,13 @@ class Sentinel:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         (self.directory / "victim").write_bytes(b"original\n")
-        self.before = tree_of(self.directory)
+        self.before = self._state()
+
+    def _state(self) -> tuple[dict[str, Node], int]:
+        return tree_of(self.directory), os.lstat(self.directory / "victim").st_nlink
 
     def untouched(self) -> list[str]:
-        """The differences from how it was made (empty when nothing was written there)."""
-        return tree_differences(tree_of(self.directory), self.before)
+        """The differences from how it was made (empty when nothing was written or linked there)."""
+        (tree, links), (tree_before, links_before) = self._state(), self.before
+        changed = [] if links == links_before else [f"victim: {links} links, was {links_before}"]
+        return changed + tree_differences(tree, tree_before)
