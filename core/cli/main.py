@@ -11,11 +11,11 @@ import os
 import signal
 import sys
 
-from core.cli import content, images, leases, namespaces, plugins, version
+from core.cli import content, images, leases, namespaces, plugins, snapshots, version
 from core.cli.client import Client, CliError
 from core.config import DEFAULT_ADDRESS
 
-COMMAND_MODULES = (version, plugins, namespaces, content, images, leases)
+COMMAND_MODULES = (version, plugins, namespaces, content, images, leases, snapshots)
 
 
 def build_parser() -> argparse.ArgumentParser:
