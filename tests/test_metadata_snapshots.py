@@ -243,7 +243,9 @@ def test_prepare_view_commit_and_mounts(snapshots: SnapshotMetadata) -> None:
     view = snapshots.view(NS, SN, "look", "l1")
     assert view[0].options == ("ro", "rbind")
     assert snapshots.stat(NS, SN, "look").kind is Kind.VIEW
-    with pytest.raises(FailedPrecondition, match=r"requested snapshot l1 not active or view"):
+    with pytest.raises(
+        FailedPrecondition, match=r"^failed to get active mount: requested snapshot default/2/l1 not active or view"
+    ):
         snapshots.mounts(NS, SN, "l1")
     assert snapshots.usage(NS, SN, "l1") == Usage(len("default/2/l1"), 1)
 
@@ -257,7 +259,9 @@ def test_creation_errors(snapshots: SnapshotMetadata, backend: MemorySnapshotter
         snapshots.view(NS, SN, "base", "base")
     with pytest.raises(NotFound, match=r"^parent snapshot missing does not exist: not found$"):
         snapshots.prepare(NS, SN, "x", "missing")
-    with pytest.raises(InvalidArgument, match=r'^parent "active" is not committed snapshot'):
+    with pytest.raises(
+        InvalidArgument, match=r'^failed to create snapshot: parent "default/3/active" is not committed snapshot'
+    ):
         snapshots.view(NS, SN, "x", "active")
     with pytest.raises(InvalidArgument, match=r"key must not be empty"):
         snapshots.prepare(NS, SN, "")
@@ -284,7 +288,9 @@ def test_commit_errors(snapshots: SnapshotMetadata) -> None:
         snapshots.commit(NS, SN, "base", "active")
     with pytest.raises(NotFound, match=r"^snapshot gone does not exist: not found$"):
         snapshots.commit(NS, SN, "new", "gone")
-    with pytest.raises(FailedPrecondition, match=r'^snapshot "view" is not active'):
+    with pytest.raises(
+        FailedPrecondition, match=r'^failed to commit snapshot: snapshot "default/4/view" is not active'
+    ):
         snapshots.commit(NS, SN, "new", "view")
     with pytest.raises(FailedPrecondition):
         snapshots.commit(NS, SN, "new", "base")

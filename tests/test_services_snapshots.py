@@ -159,7 +159,10 @@ def test_errors_carry_containerd_codes_and_messages(served: Served) -> None:
         ),
         "committed has no mounts": (
             lambda: stub.Mounts(pb.MountsRequest(snapshotter=SN, key="base"), metadata=DEFAULT),
-            (grpc.StatusCode.FAILED_PRECONDITION, "requested snapshot base not active or view: failed precondition"),
+            (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "failed to get active mount: requested snapshot default/2/base not active or view: failed precondition",
+            ),
         ),
     }
     for name, (call, expected) in cases.items():

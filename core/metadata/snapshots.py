@@ -117,7 +117,8 @@ class SnapshotMetadata:
     on ``store`` when not given). Every method takes the namespace and the snapshotter's name first
     and mirrors :class:`core.snapshot.Snapshotter`, local keys in and out. Reads of an unknown
     namespace find nothing; creations create it. Errors are those of :mod:`core.errors`, worded as
-    containerd's; InvalidArgument (``snapshotter not loaded: X``) for an unknown snapshotter.
+    containerd's (``ctr`` prints them; like containerd's, a few name the backend key);
+    InvalidArgument (``snapshotter not loaded: X``) for an unknown snapshotter.
     """
 
     def __init__(
@@ -191,9 +192,12 @@ class SnapshotMetadata:
         backend = self.backend(snapshotter)
         with self._store.read() as conn:
             record = _existing(conn, namespace, snapshotter, key)
+        bkey = backend_key(namespace, record.id, key)
         if record.kind is Kind.COMMITTED:
-            raise FailedPrecondition(f"requested snapshot {key} not active or view: failed precondition")
-        return backend.mounts(backend_key(namespace, record.id, key))
+            raise FailedPrecondition(
+                f"failed to get active mount: requested snapshot {bkey} not active or view: failed precondition"
+            )
+        return backend.mounts(bkey)
 
     # -- mutations -----------------------------------------------------------------------------
 
@@ -376,8 +380,11 @@ class SnapshotMetadata:
             if _find(conn, namespace, snapshotter, name) is not None:
                 raise AlreadyExists(f'snapshot "{name}": already exists')
             active = _existing(conn, namespace, snapshotter, key)
+            bkey = backend_key(namespace, active.id, key)
             if active.kind is not Kind.ACTIVE:
-                raise FailedPrecondition(f'snapshot "{key}" is not active: failed precondition')
+                raise FailedPrecondition(
+                    f'failed to commit snapshot: snapshot "{bkey}" is not active: failed precondition'
+                )
             parent_id = active.parent_id
             if rebase_onto is not None:
                 if active.parent:
@@ -390,7 +397,6 @@ class SnapshotMetadata:
                 self._leases.add_resource(namespace, lease, _lease_resource(snapshotter, name))
                 self._leases.delete_resource(namespace, lease, _lease_resource(snapshotter, key))
             bname = backend_key(namespace, record_id, name)
-            bkey = backend_key(namespace, active.id, key)
             inherited = inherited_labels(checked)
             if rebase_onto is None:
                 backend.commit(bname, bkey, inherited)
@@ -556,7 +562,10 @@ def _committed_parent(conn: sqlite3.Connection, namespace: str, snapshotter: str
     if record is None:
         raise NotFound(f"parent snapshot {parent} does not exist: not found")
     if record.kind is not Kind.COMMITTED:
-        raise InvalidArgument(f'parent "{parent}" is not committed snapshot: invalid argument')
+        bparent = backend_key(namespace, record.id, parent)
+        raise InvalidArgument(
+            f'failed to create snapshot: parent "{bparent}" is not committed snapshot: invalid argument'
+        )
     return record
 
 
