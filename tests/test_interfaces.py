@@ -424,6 +424,7 @@ def test_plugin_types_name_their_groups_interfaces_and_wire_types() -> None:
         "snapshotter": "containerkit.snapshotter",
         "content": "containerkit.content",
         "network": "containerkit.network",
+        "differ": "containerkit.differ",
         "gc": "containerkit.gc",
         "service": "containerkit.service",
     }
@@ -432,7 +433,9 @@ def test_plugin_types_name_their_groups_interfaces_and_wire_types() -> None:
     assert PLUGIN_TYPES["content"].interface is content.ContentStore
     assert PLUGIN_TYPES["network"].interface is network.NetworkDriver
     assert PLUGIN_TYPES["service"].interface is None
+    assert PLUGIN_TYPES["differ"].interface_ref == "core.diff:Differ"
     assert by_wire_type("io.containerd.snapshotter.v1") is PLUGIN_TYPES["snapshotter"]
+    assert by_wire_type("io.containerd.differ.v1") is PLUGIN_TYPES["differ"]
     assert by_wire_type("io.containerd.grpc.v1") is PLUGIN_TYPES["service"]
     assert by_wire_type("io.containerd.nope.v1") is None
     assert all(isinstance(t, PluginType) and t.doc for t in PLUGIN_TYPES.values())

@@ -482,7 +482,7 @@ def test_a_table_for_an_uninstalled_plugin_or_unknown_type_is_a_config_error(wor
         loader.load()
     message = str(raised.value)
     assert "[plugins.service.nope]: no such plugin is installed (installed: service.a)" in message
-    types = "runtime, snapshotter, content, network, gc, service"
+    types = "runtime, snapshotter, content, network, differ, gc, service"
     assert f"[plugins.gadget]: unknown plugin type (types: {types})" in message
 
 
