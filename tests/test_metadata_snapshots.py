@@ -313,6 +313,20 @@ def test_a_failing_backend_leaves_no_record(snapshots: SnapshotMetadata, backend
     assert [(i.name, i.kind) for i in snapshots.walk(NS, SN)] == [("k", Kind.ACTIVE)]
 
 
+def test_a_backend_snapshot_whose_record_fails_to_commit_is_removed_again(tmp_path: Path) -> None:
+    class ThenTheStoreGoes(MemorySnapshotter):
+        def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
+            mounts = super().prepare(key, parent, labels)
+            store.close()  # the metadata commit that follows fails
+            return mounts
+
+    store = MetadataStore(tmp_path / "meta.db")
+    backend = ThenTheStoreGoes()
+    with pytest.raises(Exception, match="closed"):
+        SnapshotMetadata(store, {SN: backend}).prepare(NS, SN, "k")
+    assert backend.snapshots == {} and backend.removed == ["default/1/k"]
+
+
 def test_backend_calls_happen_inside_the_transaction_under_the_gc_lock(
     store: MetadataStore, snapshots: SnapshotMetadata, backend: MemorySnapshotter
 ) -> None:
