@@ -54,6 +54,13 @@ def ctr(
     return result
 
 
+def collect_garbage(daemon: Daemon, namespace: str) -> None:
+    """A synchronous garbage collection: a throwaway lease deleted with ``--sync`` (after it nothing that
+    was already unreferenced is left, and no collection scheduled before is still to run)."""
+    lease = ctr(daemon, "leases", "create", namespace=namespace).stdout.strip()
+    ctr(daemon, "leases", "rm", "--sync", lease, namespace=namespace)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nobody listens on right now (the caller retries if it is taken meanwhile)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

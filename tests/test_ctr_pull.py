@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from interop import Node, ctr, image_tree, mounted_image, tree_differences
+from interop import Node, collect_garbage, ctr, image_tree, mounted_image, tree_differences
 from oci_images import Layer, Layout, busybox_layer, sha256
 
 pytestmark = [
@@ -171,12 +171,11 @@ def both(containerkitd: Any, containerd: Any) -> tuple[Any, Any]:
 
 
 def pull(daemon: Any, ref: str, namespace: str) -> None:
-    """``ctr images pull --plain-http``, then a synchronous garbage collection (``images rm --sync`` of a
-    throwaway tag): the end of a pull schedules one in both daemons, which would otherwise run at some
-    point during the test and take unlabelled snapshots (views) with it."""
+    """``ctr images pull --plain-http``, then a synchronous garbage collection: the end of a pull schedules
+    one in both daemons, which would otherwise run at some point during the test and take unlabelled
+    snapshots (views) with it."""
     ctr(daemon, "images", "pull", "--plain-http", ref, namespace=namespace)
-    ctr(daemon, "images", "tag", ref, f"{ref}-gc", namespace=namespace)
-    ctr(daemon, "images", "rm", "--sync", f"{ref}-gc", namespace=namespace)
+    collect_garbage(daemon, namespace)
 
 
 def assert_same_trees(ours: dict[str, Node], theirs: dict[str, Node], unstable: Sequence[str] = ()) -> None:

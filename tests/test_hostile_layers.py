@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from interop import Sentinel, ctr, image_tree, tree_differences
+from interop import Sentinel, collect_garbage, ctr, image_tree, tree_differences
 from oci_images import Layer, Layout, sha256
 
 pytestmark = [
@@ -173,7 +173,9 @@ def hostile_images(registry: Any, sentinel: Sentinel, tmp_path_factory: pytest.T
 
 
 def snapshot_rows(daemon: Any, namespace: str) -> list[str]:
-    """``ctr snapshots ls`` rows (KEY PARENT KIND), sorted."""
+    """``ctr snapshots ls`` rows (KEY PARENT KIND), sorted, once garbage is collected (what a failed pull
+    left unreferenced goes at the next collection, whenever that is)."""
+    collect_garbage(daemon, namespace)
     return sorted(
         " ".join(line.split()) for line in ctr(daemon, "snapshots", "ls", namespace=namespace).stdout.splitlines()[1:]
     )
