@@ -125,11 +125,16 @@ class Registry:
                 time.sleep(0.05)
         return False
 
-    def push(self, layout: Path, tag: str, name: str) -> str:
-        """``skopeo copy`` the layout's image ``tag`` to ``NAME:TAG`` here, byte for byte; returns the reference."""
+    def push(self, layout: Path, tag: str, name: str, *, docker: bool = False) -> str:
+        """``skopeo copy`` the layout's image ``tag`` to ``NAME:TAG`` here; returns the reference.
+
+        Byte for byte, or with ``docker`` converted to a Docker schema 2 manifest and config (Docker layer
+        media types; the gzip layer blobs themselves unchanged).
+        """
         ref = f"{self.host}/{name}:{tag}"
+        form = ["--format", "v2s2"] if docker else ["--preserve-digests"]
         subprocess.run(
-            [SKOPEO, "--insecure-policy", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false",
+            [SKOPEO, "--insecure-policy", "copy", "--quiet", *form, "--dest-tls-verify=false",
              f"oci:{layout}:{tag}", f"docker://{ref}"],
             check=True, capture_output=True, timeout=CTR_TIMEOUT_S,
         )  # fmt: skip

@@ -153,12 +153,13 @@ def many_layers(count: int) -> list[Layer]:
 
 @pytest.fixture(scope="module")
 def images(registry: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The test images pushed to the registry: {variant: reference}."""
+    """The test images pushed to the registry: {variant: reference}, plus ``docker`` and ``many``."""
     layout = Layout(tmp_path_factory.mktemp("layout"))
     refs = {}
     for variant, compressions in VARIANTS.items():
         layout.add_image(variant, rich_layers(compressions))
         refs[variant] = registry.push(layout.directory, variant, "interop/rich")
+    refs["docker"] = registry.push(layout.directory, "gzip", "interop/rich-docker", docker=True)
     layout.add_image("many", many_layers(128))
     refs["many"] = registry.push(layout.directory, "many", "interop/many")
     return refs
@@ -204,10 +205,11 @@ def test_rich_image_as_containerd_unpacks_it(containerd: Any, images: dict[str, 
     assert (tree["var/gone"].mode, tree["opt/tree"].mode) == (0o700, 0o700)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", [*VARIANTS, "docker"])
 def test_pulled_tree_equals_containerds(both: tuple[Any, Any], images: dict[str, str], variant: str,
                                         tmp_path: Path) -> None:  # fmt: skip
-    """``ctr images pull`` then ``ctr images mount``: the same tree from both daemons, file by file."""
+    """``ctr images pull`` then ``ctr images mount``: the same tree from both daemons, file by file (OCI
+    layers compressed each way, and the gzip image as a Docker schema 2 image)."""
     namespace = f"tree-{variant}"
     trees = []
     for daemon in both:
