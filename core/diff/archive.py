@@ -320,7 +320,7 @@ class _Extractor:
                 log.warning("ignored xattr %s of %r: admin attributes from a layer are not applied", key, entry.name)
                 continue
             try:
-                os.setxattr(target, key, value, follow_symlinks=False)
+                os.setxattr(target, key, value, follow_symlinks=isinstance(target, int))
             except OSError as err:
                 # As containerd: a filesystem without xattrs, or user.* on what cannot carry them.
                 if err.errno == errno.ENOTSUP or (err.errno == errno.EPERM and key.startswith("user.") and not regular):
