@@ -29,12 +29,12 @@ from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
 from core import oci
 from core.content import Info as BlobInfo
+from core.diff import LABEL_UNCOMPRESSED, Differ
 from core.digest import Digest
-from core.errors import AlreadyExists, ContainerkitError, FailedPrecondition, InvalidArgument, NotFound
+from core.errors import AlreadyExists, ContainerkitError, InvalidArgument, NotFound
 from core.metadata.content import ContentMetadata
 from core.metadata.images import LABEL_GC_REF_SNAPSHOT
 from core.metadata.leases import LABEL_GC_EXPIRE, LeaseResource, LeaseStore
@@ -42,15 +42,9 @@ from core.metadata.snapshots import LABEL_SNAPSHOT_REF, SnapshotMetadata
 from core.snapshot import LABEL_REBASE
 from core.types import Descriptor, Platform
 
-if TYPE_CHECKING:
-    from core.diff import Differ
-
-__all__ = ["DEFAULT_WORKERS", "LABEL_UNCOMPRESSED", "UNPACK_KEY_PREFIX", "UnpackResult", "Unpacker"]
+__all__ = ["DEFAULT_WORKERS", "UNPACK_KEY_PREFIX", "UnpackResult", "Unpacker"]
 
 log = logging.getLogger("containerkit.unpack")
-
-LABEL_UNCOMPRESSED = "containerd.io/uncompressed"
-"""Label of a layer blob naming its diff id (the digest of the uncompressed tar), set once verified."""
 
 UNPACK_KEY_PREFIX = "extract"
 """Prefix of the keys of the active snapshots layers are extracted into (containerd's ``UnpackKeyPrefix``)."""
@@ -184,14 +178,10 @@ class Unpacker:
             self._snapshots.stat(namespace, snapshotter, layer.chain_id)  # unpacked meanwhile, else NotFound
             return ""
         try:
-            try:
-                applied = self._differ.apply(namespace, layer.blob, mounts)
-            except ContainerkitError as err:
-                raise type(err)(f"{layer.name}: {err}") from err
-            if applied.digest != layer.diff_id:
-                raise FailedPrecondition(
-                    f"{layer.name}: diff id mismatch: got {applied.digest}, want {layer.diff_id} (the config's)"
-                )
+            self._differ.apply(namespace, layer.blob, mounts, diff_id=layer.diff_id)
+        except ContainerkitError as err:
+            self._discard(namespace, snapshotter, key, lease)
+            raise type(err)(f"{layer.name}: {err}") from err
         except BaseException:
             self._discard(namespace, snapshotter, key, lease)
             raise

@@ -1,14 +1,20 @@
-"""ckctl images ls|rm|label|tag|inspect, as ``ctr images``: the namespace's image records (a name
-pointing at a target descriptor). Pulling, pushing, export and import come with the distribution work."""
+"""ckctl images ls|rm|label|tag|inspect|unpack|mount|unmount, as ``ctr images``: the namespace's image
+records (a name pointing at a target descriptor), unpacking them into snapshots, and mounting an
+image's root filesystem on this host. Pulling, pushing, export and import come with the distribution work."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
+import os
 from typing import Any
 
+from core.cli import leases as lease_cli
+from core.cli import snapshots as snapshot_cli
 from core.cli.args import add_listing_arguments, for_each, label_changes
-from core.cli.client import Client
+from core.cli.client import Client, CliError
 from core.cli.output import print_json
 from core.cli.records import human_size, labels_cell, labels_text, print_records, timestamp_text
 
@@ -19,6 +25,9 @@ IMAGE_COLUMNS = {
     "SIZE": lambda image: human_size(image["target"]["size"]),
     "LABELS": labels_cell,
 }
+
+LABEL_MOUNT_TARGET = "containerkit.io/mount.target"
+"""Label of a lease made by ``ckctl images mount``: the absolute path the snapshot is mounted at."""
 
 
 def add_commands(commands: Any) -> None:
@@ -49,6 +58,34 @@ def add_commands(commands: Any) -> None:
     inspect = verbs.add_parser("inspect", help="print an image record as JSON")
     inspect.add_argument("name")
     inspect.set_defaults(handler=inspect_image)
+
+    unpack = verbs.add_parser("unpack", help="unpack an image's layers (in the content store) into snapshots")
+    _add_snapshotter_argument(unpack, default="", what="the daemon's default, overlayfs")
+    _add_platform_argument(unpack)
+    unpack.add_argument("name", metavar="REF")
+    unpack.set_defaults(handler=unpack_image)
+
+    mount = verbs.add_parser("mount", help="unpack an image if needed and mount its root filesystem at TARGET")
+    _add_snapshotter_argument(mount)
+    _add_platform_argument(mount)
+    mount.add_argument("--rw", action="store_true", help="mount read-write (an active snapshot) instead of a view")
+    mount.add_argument("name", metavar="REF")
+    mount.add_argument("target", metavar="TARGET", help="an existing directory")
+    mount.set_defaults(handler=mount_image)
+
+    unmount = verbs.add_parser("unmount", aliases=["umount"], help="unmount what images mount put at TARGET")
+    _add_snapshotter_argument(unmount)
+    unmount.add_argument("--rm", action="store_true", help="also remove the snapshot and its lease")
+    unmount.add_argument("target", metavar="TARGET")
+    unmount.set_defaults(handler=unmount_image)
+
+
+def _add_snapshotter_argument(parser: argparse.ArgumentParser, default: str = "overlayfs", what: str = "") -> None:
+    parser.add_argument("--snapshotter", default=default, help=f"snapshotter to use (default: {what or default})")
+
+
+def _add_platform_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--platform", default="", help="os/arch[/variant] to pick from an index (default: the host's)")
 
 
 def _stub(client: Client) -> Any:
@@ -144,3 +181,112 @@ def _exists(client: Client, name: str) -> bool:
 def inspect_image(client: Client, args: argparse.Namespace) -> int:
     print_json(image_record(_get(client, args.name)))
     return 0
+
+
+def _unpack(client: Client, name: str, snapshotter: str, platform: str) -> Any:
+    from core.api.containerkit.services.unpack.v1 import unpack_pb2 as pb
+    from core.api.containerkit.services.unpack.v1 import unpack_pb2_grpc
+
+    request = pb.UnpackRequest(image=name, snapshotter=snapshotter, platform=platform)
+    return client.call(unpack_pb2_grpc.UnpackStub(client.channel).Unpack, request)
+
+
+def unpack_image(client: Client, args: argparse.Namespace) -> int:
+    result = _unpack(client, args.name, args.snapshotter, args.platform)
+    print(f"{args.name}: {result.chain_id} ({result.layers} layers, {result.applied} applied now)")
+    return 0
+
+
+def mount_lease_id(target: str) -> str:
+    """The id of the lease that keeps the snapshot mounted at absolute path ``target``: lease ids must be
+    identifiers, so it is derived from the path (which the lease's labels name)."""
+    return "ckctl-mount-" + hashlib.sha256(target.encode()).hexdigest()[:32]
+
+
+def mount_image(client: Client, args: argparse.Namespace) -> int:
+    """As ``ctr images mount``: the snapshot is keyed by TARGET's absolute path, held by a lease
+    (expiring in 24 hours) created for it, and mounted here; prints the chain id, then TARGET."""
+    from core import mount as mounting
+    from core.api.containerd.services.leases.v1 import leases_pb2
+    from core.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+    from core.metadata.images import LABEL_GC_REF_SNAPSHOT
+    from core.services.snapshots import mounts_of
+
+    target = os.path.abspath(args.target)
+    if not os.path.isdir(target):
+        raise CliError(f"mount target {target} is not a directory")
+    snapshots, leases = snapshot_cli._stub(client), lease_cli._stub(client)
+    lease = mount_lease_id(target)
+    made_lease = made_snapshot = False
+    if not _lease_exists(client, lease):
+        labels = {
+            **lease_cli.expiry_label("24h"),
+            LABEL_GC_REF_SNAPSHOT + args.snapshotter: target,
+            LABEL_MOUNT_TARGET: target,
+        }
+        client.call(leases.Create, leases_pb2.CreateRequest(id=lease, labels=labels))
+        made_lease = True
+    try:
+        # The lease holds the key before the snapshot exists, so no collection can come between.
+        resource = leases_pb2.Resource(id=target, type=f"snapshots/{args.snapshotter}")
+        client.call(leases.AddResource, leases_pb2.AddResourceRequest(id=lease, resource=resource))
+        chain_id = _unpack(client, args.name, args.snapshotter, args.platform).chain_id
+        print(chain_id, flush=True)
+        mounts = _probe(client, snapshots.Mounts, pb.MountsRequest(snapshotter=args.snapshotter, key=target))
+        if mounts is None:
+            create, message = (
+                (snapshots.Prepare, pb.PrepareSnapshotRequest) if args.rw else (snapshots.View, pb.ViewSnapshotRequest)
+            )
+            mounts = client.call(create, message(snapshotter=args.snapshotter, key=target, parent=chain_id))
+            made_snapshot = True
+        try:
+            mounting.mount_all(mounts_of(mounts.mounts), target)
+        except OSError as err:
+            raise CliError(f"mounting {args.name} at {target}: {err}") from None
+    except BaseException:
+        with contextlib.suppress(CliError):  # the first error is the one to report
+            if made_snapshot:
+                client.call(snapshots.Remove, pb.RemoveSnapshotRequest(snapshotter=args.snapshotter, key=target))
+            if made_lease:
+                client.call(leases.Delete, leases_pb2.DeleteRequest(id=lease))
+        raise
+    print(target)
+    return 0
+
+
+def unmount_image(client: Client, args: argparse.Namespace) -> int:
+    """As ``ctr images unmount``: unmount everything at TARGET; with ``--rm`` also delete the lease and
+    the snapshot that ``images mount`` made for it (absent ones are fine). Prints TARGET."""
+    from core import mount as mounting
+    from core.api.containerd.services.leases.v1 import leases_pb2
+    from core.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+
+    target = os.path.abspath(args.target)
+    try:
+        mounting.unmount_all(target)
+    except OSError as err:
+        raise CliError(f"unmounting {target}: {err}") from None
+    if args.rm:
+        lease = mount_lease_id(target)
+        if _lease_exists(client, lease):
+            client.call(lease_cli._stub(client).Delete, leases_pb2.DeleteRequest(id=lease))
+        snapshots = snapshot_cli._stub(client)
+        if _probe(client, snapshots.Stat, pb.StatSnapshotRequest(snapshotter=args.snapshotter, key=target)):
+            client.call(snapshots.Remove, pb.RemoveSnapshotRequest(snapshotter=args.snapshotter, key=target))
+    print(target)
+    return 0
+
+
+def _lease_exists(client: Client, lease: str) -> bool:
+    from core.api.containerd.services.leases.v1 import leases_pb2
+
+    request = leases_pb2.ListRequest(filters=[f"id=={json.dumps(lease)}"])
+    return bool(client.call(lease_cli._stub(client).List, request).leases)
+
+
+def _probe(client: Client, method: Any, request: Any) -> Any | None:
+    """The answer of a call that fails when its snapshot does not exist (as it should), or None then."""
+    try:
+        return client.call(method, request)
+    except CliError:
+        return None

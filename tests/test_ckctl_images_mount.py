@@ -1,0 +1,131 @@
+"""ckctl images unpack|mount|unmount against a real containerkitd.
+
+Images are built in Python (tests/oci_images.py) and put into the daemon with ``ctr images import
+--no-unpack``, which stores the blobs and the image record as a pull would (gc labels included), so
+the unpacking is all containerkitd's. Every mount a test makes is unmounted before its daemon stops.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from oci_images import Layer, Layout
+from test_ckctl import one_line_error
+
+from core import mount as mounting
+from core.cli.images import mount_lease_id
+
+pytestmark = pytest.mark.integration
+
+IMAGE = "example.com/test/unpack:latest"
+
+
+def image_layers() -> list[Layer]:
+    base = Layer().dirs("etc", "etc/app", "data").file("etc/app/a.conf", b"a\n").file("etc/hostname", b"base\n")
+    base.file("data/old", b"old\n")
+    change = Layer(compression="zstd").dirs("etc", "data")
+    change.whiteout("etc/hostname").opaque("data").file("data/new", b"new\n", mode=0o600, uid=7, gid=8)
+    return [base, change, Layer(compression="tar").dirs("etc").file("etc/motd", b"hello\n")]
+
+
+@pytest.fixture
+def imported(make_daemon: Any, tmp_path: Path) -> Iterator[Any]:
+    """A running daemon holding IMAGE (not unpacked); mounts under tmp_path are undone before it stops."""
+    daemon = make_daemon()
+    layout = Layout(tmp_path / "layout")
+    layout.add_image("latest", image_layers())
+    archive = tmp_path / "image.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(layout.directory, arcname=".")
+    daemon.ctr("images", "import", "--no-unpack", "--base-name", IMAGE.rpartition(":")[0], str(archive))
+    try:
+        yield daemon
+    finally:
+        for path in tmp_path.iterdir():
+            if path.is_dir() and mounting.is_mountpoint(path):
+                mounting.unmount_all(path, detach=True)
+
+
+def target_dir(tmp_path: Path, name: str = "rootfs") -> Path:
+    path = tmp_path / name
+    path.mkdir()
+    return path
+
+
+def test_unpack_prints_the_chain_id_and_reuses_layers(imported: Any) -> None:
+    first = imported.ckctl("images", "unpack", IMAGE).stdout
+    assert first.startswith(f"{IMAGE}: sha256:") and first.endswith("(3 layers, 3 applied now)\n")
+    again = imported.ckctl("images", "unpack", "--snapshotter", "overlayfs", IMAGE).stdout
+    assert again == first.replace("3 applied", "0 applied")
+    chain_id = first.split()[1]
+    info = imported.ctr("snapshots", "--snapshotter", "overlayfs", "info", chain_id).stdout
+    assert chain_id in info
+
+
+def test_mount_read_only_then_unmount_and_remove(imported: Any, tmp_path: Path) -> None:
+    target = target_dir(tmp_path)
+    out = imported.ckctl("images", "mount", IMAGE, str(target)).stdout.splitlines()
+    assert out[0].startswith("sha256:") and out[1] == str(target)
+    assert mounting.is_mountpoint(target)
+    assert (target / "etc/app/a.conf").read_bytes() == b"a\n"
+    assert (target / "etc/motd").read_bytes() == b"hello\n"
+    assert not (target / "etc/hostname").exists() and not (target / "data/old").exists()
+    new = (target / "data/new").stat()
+    assert (new.st_mode & 0o777, new.st_uid, new.st_gid) == (0o600, 7, 8)
+    with pytest.raises(OSError) as err:
+        (target / "etc/written").write_bytes(b"x")
+    assert err.value.errno == errno.EROFS
+
+    lease = mount_lease_id(str(target))
+    leases = imported.ckctl_json("leases", "ls")
+    assert [entry["labels"]["containerkit.io/mount.target"] for entry in leases if entry["id"] == lease] == [
+        str(target)
+    ]
+    assert imported.ctr("snapshots", "info", str(target)).returncode == 0
+
+    assert imported.ckctl("images", "unmount", "--rm", str(target)).stdout == f"{target}\n"
+    assert not mounting.is_mountpoint(target) and os.listdir(target) == []
+    assert [entry for entry in imported.ckctl_json("leases", "ls") if entry["id"] == lease] == []
+    assert imported.ctr("snapshots", "info", str(target), check=False).returncode != 0
+
+
+def test_read_write_mount_keeps_changes_until_removed(
+    imported: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = target_dir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # a relative TARGET names the same snapshot as the absolute path
+    imported.ckctl("images", "mount", "--rw", IMAGE, "rootfs")
+    (target / "etc/written").write_bytes(b"kept\n")
+    imported.ckctl("images", "unmount", str(target))
+    assert not mounting.is_mountpoint(target)
+    imported.ckctl("images", "mount", "--rw", IMAGE, str(target))  # the snapshot is still there: mounted again
+    assert (target / "etc/written").read_bytes() == b"kept\n"
+    imported.ckctl("images", "unmount", "--rm", "rootfs")
+    imported.ckctl("images", "mount", "--rw", IMAGE, str(target))
+    assert not (target / "etc/written").exists()
+    imported.ckctl("images", "unmount", "--rm", str(target))
+
+
+def test_unmount_of_something_never_mounted_is_fine(imported: Any, tmp_path: Path) -> None:
+    target = target_dir(tmp_path)
+    assert imported.ckctl("images", "unmount", "--rm", str(target)).stdout == f"{target}\n"
+
+
+def test_mount_errors_are_one_line_and_leave_nothing_behind(imported: Any, tmp_path: Path) -> None:
+    target = target_dir(tmp_path)
+    missing = one_line_error(imported.ckctl("images", "mount", "example.com/nope:1", str(target), check=False))
+    assert "nope" in missing and "not found" in missing
+    assert imported.ckctl_json("leases", "ls") == []
+    assert not mounting.is_mountpoint(target)
+    nowhere = one_line_error(imported.ckctl("images", "mount", IMAGE, str(tmp_path / "absent"), check=False))
+    assert "is not a directory" in nowhere
+    bad_platform = one_line_error(imported.ckctl("images", "unpack", "--platform", "linux", IMAGE, check=False))
+    assert "invalid platform" in bad_platform
+    unknown = one_line_error(imported.ckctl("images", "unpack", "--snapshotter", "nope", IMAGE, check=False))
+    assert "snapshotter not loaded: nope" in unknown
