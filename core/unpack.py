@@ -4,9 +4,9 @@ For the manifest of the wanted platform, every layer ``i`` becomes the committed
 ``chain_ids(diff_ids)[i]`` whose parent is the one below. Layers whose snapshot the namespace has
 already are reused (the stack is scanned from the top, so one hit covers everything beneath). Each
 missing layer is extracted into an active snapshot keyed ``extract-<nanoseconds>-<random>
-<chain id>`` (containerd's ``UnpackKeyFormat``) by the differ, whose reported diff id must equal
-the config's before the snapshot is committed; on any failure that active snapshot is removed and
-nothing is committed for the layer. The compressed layer blob then gets the label
+<chain id>`` (containerd's ``UnpackKeyFormat``) by the differ, which checks the layer's diff id
+against the config's before the snapshot is committed; on any failure that active snapshot is
+removed and nothing is committed for the layer. The compressed layer blob then gets the label
 ``containerd.io/uncompressed=<diff id>``, and at the end the config blob gets
 ``containerd.io/gc.ref.snapshot.<snapshotter>=<top chain id>`` so that the image keeps its
 snapshots alive.

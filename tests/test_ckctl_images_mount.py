@@ -68,6 +68,24 @@ def test_unpack_prints_the_chain_id_and_reuses_layers(imported: Any) -> None:
     assert chain_id in info
 
 
+def collect_garbage(daemon: Any) -> None:
+    """A synchronous collection: a throwaway lease deleted with ``--sync``."""
+    lease = daemon.ckctl("leases", "create").stdout.split()[0]
+    daemon.ckctl("leases", "rm", "--sync", lease)
+
+
+def snapshot_names(daemon: Any) -> set[str]:
+    return {line.split()[0] for line in daemon.ctr("snapshots", "ls").stdout.splitlines()[1:]}
+
+
+def test_unpacked_snapshots_live_as_long_as_the_image(imported: Any) -> None:
+    chain_id = imported.ckctl("images", "unpack", IMAGE).stdout.split()[1]
+    collect_garbage(imported)
+    assert chain_id in snapshot_names(imported) and len(snapshot_names(imported)) == 3
+    imported.ctr("images", "rm", "--sync", IMAGE)
+    assert snapshot_names(imported) == set()
+
+
 def test_mount_read_only_then_unmount_and_remove(imported: Any, tmp_path: Path) -> None:
     target = target_dir(tmp_path)
     out = imported.ckctl("images", "mount", IMAGE, str(target)).stdout.splitlines()
@@ -129,3 +147,5 @@ def test_mount_errors_are_one_line_and_leave_nothing_behind(imported: Any, tmp_p
     assert "invalid platform" in bad_platform
     unknown = one_line_error(imported.ckctl("images", "unpack", "--snapshotter", "nope", IMAGE, check=False))
     assert "snapshotter not loaded: nope" in unknown
+    unnamed = one_line_error(imported.ckctl("images", "unpack", "", check=False))
+    assert "image name must not be empty (invalid argument)" in unnamed
