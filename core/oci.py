@@ -254,16 +254,14 @@ def _document(data: bytes | str, media_type: str, name: str) -> dict[str, Any]:
     if media_type in _SCHEMA1_TYPES:
         raise InvalidArgument(f"{name}: {_SCHEMA1_REFUSAL}")
     doc = _json_object(data, name)
-    version = doc.get("schemaVersion", 2)
-    if version == 1 or "fsLayers" in doc or doc.get("mediaType") in _SCHEMA1_TYPES:
-        raise InvalidArgument(f"{name}: {_SCHEMA1_REFUSAL}")
-    if version != 2:
-        raise InvalidArgument(f"{name}: unsupported schemaVersion {version!r} (expected 2)")
     declared = doc.get("mediaType")
     if declared is not None and not isinstance(declared, str):
         raise InvalidArgument(f"{name}: 'mediaType' must be a string")
-    if declared and media_type and declared != media_type:
-        raise InvalidArgument(f"{name}: media type {declared!r} in the document, but {media_type!r} in its descriptor")
+    version = doc.get("schemaVersion", 2)
+    if version == 1 or "fsLayers" in doc or declared in _SCHEMA1_TYPES:
+        raise InvalidArgument(f"{name}: {_SCHEMA1_REFUSAL}")
+    if version != 2:
+        raise InvalidArgument(f"{name}: unsupported schemaVersion {version!r} (expected 2)")
     return doc
 
 
@@ -274,6 +272,12 @@ def _media_type(doc: Mapping[str, Any], given: str, default: str) -> str:
 def _descriptor(value: Any, where: str) -> Descriptor:
     if not isinstance(value, dict):
         raise InvalidArgument(f"{where}: expected a descriptor object")
+    if not isinstance(value.get("mediaType", ""), str):
+        raise InvalidArgument(f"{where}: 'mediaType' must be a string")
+    _string_map(value, "annotations", where)
+    _strings(value, "urls", where)
+    if not isinstance(value.get("platform") or {}, dict):
+        raise InvalidArgument(f"{where}: 'platform' must be an object")
     try:
         return Descriptor.from_oci(value)
     except InvalidArgument as err:
