@@ -29,6 +29,13 @@ pytestmark = pytest.mark.integration
 IDENTIFIER_PATTERN = "^[A-Za-z0-9]+(?:[._-](?:[A-Za-z0-9]+))*$"
 PLUGIN_KEYS = {"type", "id", "package", "status", "reason"}
 CORE_SERVICES = ("health", "introspection", "namespaces", "version")
+LAYER_PLUGINS = (  # the snapshotters, the differ and the services over them: ok on any Linux with overlayfs
+    ("snapshotter", "overlayfs"),
+    ("differ", "walking"),
+    ("service", "snapshots"),
+    ("service", "diff"),
+    ("service", "unpack"),
+)
 WIDGETS_SCHEMA = "CREATE TABLE widgets (namespace TEXT NOT NULL REFERENCES namespaces(name), id TEXT)"
 
 
@@ -109,6 +116,17 @@ def test_plugins_ls_json(daemon: Any) -> None:
             "status": "ok",
             "reason": "",
         }
+
+
+def test_plugins_ls_shows_the_snapshotters_and_the_differ(daemon: Any) -> None:
+    by_name = {(p["type"], p["id"]): p for p in daemon.ckctl_json("plugins", "ls")}
+    for name in LAYER_PLUGINS:
+        assert (by_name[name]["status"], by_name[name]["reason"]) == ("ok", ""), by_name[name]
+    aufs = by_name[("snapshotter", "aufs")]
+    if "aufs" in Path("/proc/filesystems").read_text().split():
+        assert aufs["status"] == "ok", aufs
+    else:
+        assert aufs["status"] == "skip" and aufs["reason"].startswith("aufs is not in /proc/filesystems"), aufs
 
 
 def test_plugins_ls_quiet(daemon: Any) -> None:

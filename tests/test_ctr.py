@@ -71,6 +71,19 @@ def test_ctr_plugins_ls_lists_the_core_services_ok(daemon: Any) -> None:
         assert listed[(GRPC_SERVICE, service)] == ["-", "ok"]
 
 
+def test_ctr_plugins_ls_lists_the_snapshotters_and_the_differ(daemon: Any) -> None:
+    listed = {(row[0], row[1]): row[2:] for row in rows(daemon.ctr("plugins", "ls").stdout)[1:]}
+    for name in (
+        ("io.containerd.snapshotter.v1", "overlayfs"),
+        ("io.containerd.differ.v1", "walking"),
+        (GRPC_SERVICE, "snapshots"),
+        (GRPC_SERVICE, "diff"),
+        (GRPC_SERVICE, "unpack"),
+    ):
+        assert listed[name] == ["-", "ok"], name
+    assert listed[("io.containerd.snapshotter.v1", "aufs")][1] in ("ok", "skip")
+
+
 def test_ctr_plugins_ls_shows_a_disabled_plugin_as_skip(make_daemon: Any) -> None:
     daemon = make_daemon('disabled_plugins = ["service.health"]\n')
     listed = {(row[0], row[1]): row[2:] for row in rows(daemon.ctr("plugins", "ls").stdout)[1:]}
