@@ -467,3 +467,9 @@ def test_invalid_whiteout_names_are_refused(jail: Jail, name: str, mode: Whiteou
 def test_scoped_path() -> None:
     assert scoped_path("/nonexistent-root", "a/../../b") == "/nonexistent-root/b"
     assert scoped_path("/nonexistent-root", "") == "/nonexistent-root"
+
+
+def test_nul_bytes_in_pax_names_are_refused(jail: Jail) -> None:
+    for pax in ({"path": "a\0b"}, {"linkpath": "t\0"}, {"SCHILY.xattr.user.a\0b": "v"}):
+        with pytest.raises(InvalidArgument, match=r"NUL|malformed PAX record"):
+            apply(jail, tar_of(member("f", b"x", pax=pax)))

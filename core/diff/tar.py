@@ -317,8 +317,10 @@ def _pax_records(data: bytes) -> dict[str, bytes]:
         end = pos + int(length_text)
         record = data[space + 1 : end]
         key, equals, value = record[:-1].partition(b"=")
-        if end > len(data) or not record.endswith(b"\n") or not equals:
+        if end > len(data) or not record.endswith(b"\n") or not equals or b"\0" in key:
             raise InvalidArgument("invalid tar stream: malformed PAX record")
+        if key in (b"path", b"linkpath") and b"\0" in value:
+            raise InvalidArgument(f"invalid tar stream: PAX record {key.decode()} holds a NUL byte")
         records[key.decode("utf-8", "surrogateescape")] = value
         pos = end
     return records
