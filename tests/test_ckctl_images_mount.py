@@ -1,24 +1,27 @@
 """ckctl images unpack|mount|unmount against a real containerkitd.
 
-Images are built in Python (tests/oci_images.py) and put into the daemon with ``ctr images import
---no-unpack``, which stores the blobs and the image record as a pull would (gc labels included), so
-the unpacking is all containerkitd's. Every mount a test makes is unmounted before its daemon stops.
+Images are built in Python (tests/oci_images.py) and stored in the daemon as a pull leaves them
+(blobs, gc labels, image record), so the unpacking is all containerkitd's. Every mount a test makes
+is unmounted before its daemon stops.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from oci_images import Layer, Layout
 from test_ckctl import one_line_error
+from test_ckctl_content import create_image
 
 from core import mount as mounting
+from core.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
 from core.cli.images import mount_lease_id
 
 pytestmark = pytest.mark.integration
@@ -34,16 +37,41 @@ def image_layers() -> list[Layer]:
     return [base, change, Layer(compression="tar").dirs("etc").file("etc/motd", b"hello\n")]
 
 
+def import_image(daemon: Any, directory: Path, name: str, **options: Any) -> None:
+    """Build an image of :func:`image_layers` (options as Layout.add_image) and store it as ``name`` the way
+    a pull does: blobs written under a lease, the manifest labelled with its children, then the record."""
+    layout = Layout(directory)
+    manifest = layout.add_image(name.rpartition(":")[2], image_layers(), **options)
+
+    def blob(digest: str) -> bytes:
+        return (layout.blobs / digest.partition(":")[2]).read_bytes()
+
+    doc = json.loads(blob(manifest["digest"]))
+    labels = {"containerd.io/gc.ref.content.config": doc["config"]["digest"]}
+    labels |= {f"containerd.io/gc.ref.content.l.{n}": layer["digest"] for n, layer in enumerate(doc["layers"])}
+    lease = daemon.ckctl("leases", "create").stdout.split()[0]
+    with grpc.insecure_channel(f"unix:{daemon.address}") as channel:
+        stub = content_pb2_grpc.ContentStub(channel)
+        metadata = [("containerd-namespace", "default"), ("containerd-lease", lease)]
+        for child, child_labels in [*((c, {}) for c in (doc["config"], *doc["layers"])), (manifest, labels)]:
+            data = blob(child["digest"])
+            commit = content_pb2.WriteContentRequest(
+                action=content_pb2.COMMIT, ref=f"import-{child['digest']}", total=len(data),
+                expected=child["digest"], data=data, labels=child_labels,
+            )  # fmt: skip
+            try:
+                list(stub.Write(iter([commit]), metadata=metadata))
+            except grpc.RpcError as err:  # a layer another image stored already
+                assert err.code() is grpc.StatusCode.ALREADY_EXISTS, err
+    create_image(daemon, name, manifest["digest"], manifest["size"])
+    daemon.ckctl("leases", "rm", lease)
+
+
 @pytest.fixture
 def imported(make_daemon: Any, tmp_path: Path) -> Iterator[Any]:
     """A running daemon holding IMAGE (not unpacked); mounts under tmp_path are undone before it stops."""
     daemon = make_daemon()
-    layout = Layout(tmp_path / "layout")
-    layout.add_image("latest", image_layers())
-    archive = tmp_path / "image.tar"
-    with tarfile.open(archive, "w") as tar:
-        tar.add(layout.directory, arcname=".")
-    daemon.ctr("images", "import", "--no-unpack", "--base-name", IMAGE.rpartition(":")[0], str(archive))
+    import_image(daemon, tmp_path / "layout", IMAGE)
     try:
         yield daemon
     finally:
@@ -133,6 +161,15 @@ def test_read_write_mount_keeps_changes_until_removed(
 def test_unmount_of_something_never_mounted_is_fine(imported: Any, tmp_path: Path) -> None:
     target = target_dir(tmp_path)
     assert imported.ckctl("images", "unmount", "--rm", str(target)).stdout == f"{target}\n"
+
+
+def test_a_lying_config_is_refused_and_the_daemon_serves_on(imported: Any, tmp_path: Path) -> None:
+    liar = "example.com/test/liar:latest"
+    import_image(imported, tmp_path / "liar", liar, diff_ids=["sha256:" + "0" * 64] * 3)
+    error = one_line_error(imported.ckctl("images", "unpack", liar, check=False))
+    assert "layer 1/3" in error and "diff id mismatch" in error and "(failed precondition)" in error
+    assert snapshot_names(imported) == set()
+    assert "(3 layers, 3 applied now)" in imported.ckctl("images", "unpack", IMAGE).stdout
 
 
 def test_mount_errors_are_one_line_and_leave_nothing_behind(imported: Any, tmp_path: Path) -> None:
