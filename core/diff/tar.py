@@ -287,20 +287,17 @@ def _check_sum(block: bytes) -> None:
         raise InvalidArgument(f"invalid tar header for {_string(block[:100])!r}: checksum mismatch")
 
 
-_OCTAL_DIGITS = b"01234567"
-
-
 def _number(field: bytes, what: str) -> int:
     """A numeric header field: octal text, or base-256 (GNU) when the high bit of its first byte is set."""
+    text = field.strip(b" \0")
+    if text.isdigit() and b"8" not in text and b"9" not in text:
+        return int(text, 8)
+    if not text:
+        return 0
     if field[0] & 0x80:
         value = int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
         return value - (1 << (8 * len(field) - 1)) if field[0] & 0x40 else value
-    text = field.strip(b" \0")
-    if not text:
-        return 0
-    if text.translate(None, _OCTAL_DIGITS):
-        raise InvalidArgument(f"invalid tar header: {what} field {field!r} is not an octal number")
-    return int(text, 8)
+    raise InvalidArgument(f"invalid tar header: {what} field {field!r} is not an octal number")
 
 
 def _string(field: bytes) -> str:
