@@ -335,6 +335,23 @@ def test_malformed_archives_are_refused(jail: Jail, layer: bytes, message: str) 
         apply(jail, layer)
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"uid": 1 << 32},
+        {"gid": 1 << 40},
+        {"pax": {"uid": str(1 << 33)}},
+        {"devmajor": 1 << 32, "type": tarfile.CHRTYPE},
+    ],
+)
+def test_ids_out_of_range_are_refused(jail: Jail, fields: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgument, match="out of range"):
+        apply(
+            jail,
+            tar_of(member("f", **fields), format=tarfile.GNU_FORMAT if "pax" not in fields else tarfile.PAX_FORMAT),
+        )
+
+
 def test_malformed_pax_records_are_refused(jail: Jail) -> None:
     for records in (b"5 a=b\n", b"10 nokey\n\n", b"x path=a\n", b"12 mtime=1x\n"):
         data = records.ljust(512, b"\0")

@@ -44,6 +44,7 @@ _HEADER_ONLY_TYPES = {HARDLINK, SYMLINK, CHAR_DEVICE, BLOCK_DEVICE, DIRECTORY, F
 _MAX_SPECIAL = 1 << 20  # bytes in a PAX or GNU long-name header, as Go's archive/tar
 _ZERO_BLOCK = bytes(BLOCK)
 _XATTR_PREFIX = "SCHILY.xattr."
+_ID_LIMIT = 1 << 32  # uids, gids and device numbers are 32-bit
 
 
 class TarEntry:
@@ -250,6 +251,9 @@ def _entry(block: bytes, flag: str, size: int, pax: dict[str, bytes]) -> TarEntr
         _apply_pax(entry, pax)
     if entry.size < 0:
         raise InvalidArgument(f"invalid tar entry {entry.name!r}: negative size {entry.size}")
+    for field in ("uid", "gid", "devmajor", "devminor"):
+        if not 0 <= getattr(entry, field) < _ID_LIMIT:
+            raise InvalidArgument(f"invalid tar entry {entry.name!r}: {field} {getattr(entry, field)} is out of range")
     return entry
 
 
