@@ -87,9 +87,19 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 
-def _package_of(extension: Extension) -> str:
+def _package_of(extension: Extension, known: dict[int, str]) -> str:
+    """``"<distribution> <version>"`` of the extension's entry point (``""`` when unknown).
+
+    ``known`` caches the answer per distribution object (the entry points of one listing share
+    them): each ``dist.name``/``dist.version`` access parses the distribution's METADATA again.
+    """
     dist = getattr(extension.entry_point, "dist", None)
-    return f"{dist.name} {dist.version}" if dist is not None else ""
+    if dist is None:
+        return ""
+    if (package := known.get(id(dist))) is None:
+        metadata = dist.metadata
+        package = known[id(dist)] = f"{metadata['Name']} {metadata['Version']}"
+    return package
 
 
 def _matches(selector: str, plugin_type: str, plugin_id: str) -> bool:
@@ -145,6 +155,7 @@ class PluginLoader:
         self._candidates: dict[str, _Candidate] = {}
         self._configs: dict[str, Any] = {}
         self._started: list[tuple[str, object]] = []
+        self._packages: dict[int, str] = {}
 
     def load(self) -> dict[str, PluginRecord]:
         """Discover and initialise; returns the records of the plugins that reached initialisation,
@@ -201,7 +212,7 @@ class PluginLoader:
 
     def _classify(self, type_name: str, plugin_id: str, extensions: list[Extension]) -> None:
         """Record the outcome of a plugin that cannot be initialised, or make it a candidate."""
-        package = ", ".join(_package_of(extension) for extension in extensions)
+        package = ", ".join(_package_of(extension, self._packages) for extension in extensions)
         plugin = extensions[0].plugin
         if any(_matches(selector, type_name, plugin_id) for selector in self.config.disabled_plugins):
             status, reason = Status.SKIP, "disabled by config (disabled_plugins)"

@@ -26,7 +26,6 @@ from datetime import UTC, datetime, timedelta, timezone
 from core.digest import Digest
 from core.errors import AlreadyExists, InvalidArgument, NotFound, NotImplementedByPlugin
 from core.gc import Resource
-from core.identifiers import validate
 from core.labels import validate_labels
 from core.metadata.namespaces import NamespaceStore
 from core.metadata.store import MetadataStore, Migration, from_ns
@@ -129,13 +128,13 @@ class LeaseStore:
     def create(self, namespace: str, id: str = "", labels: Mapping[str, str] | None = None) -> Lease:
         """Create a lease in ``namespace`` (created if missing) and return it.
 
-        An empty ``id`` gets a generated unique one (``<nanoseconds>-<random hex>``). Labels with an
-        empty value are dropped. InvalidArgument for an invalid namespace, id or label, or a
+        An empty ``id`` gets a generated unique one (``<nanoseconds>-<random hex>``); any other id is
+        taken as it is, as containerd does (``ctr`` uses ids like ``929647489-dna_`` and mount paths).
+        Labels with an empty value are dropped. InvalidArgument for an invalid namespace or label, or a
         ``containerd.io/gc.expire`` label that is not an RFC 3339 time; AlreadyExists when the id
         is taken in the namespace.
         """
         lease_id = id or _generate_id()
-        validate(lease_id)
         stored = {key: value for key, value in validate_labels(labels or {}).items() if value}
         if LABEL_GC_EXPIRE in stored:
             parse_rfc3339(stored[LABEL_GC_EXPIRE], what=f"label {LABEL_GC_EXPIRE}")
