@@ -345,12 +345,7 @@ class GcConfig:
 # service announces as /content/delete, so subscribers learn of GC removals the same way.
 _EVENTS: dict[str, tuple[str, str, str, Callable[[Resource], dict[str, str]]]] = {
     "content": ("content_pb2", "ContentDelete", "/content/delete", lambda r: {"digest": r.id}),
-    "snapshot": (
-        "snapshot_pb2",
-        "SnapshotRemove",
-        "/snapshot/remove",
-        lambda r: {"key": r.id, "snapshotter": r.type.partition("/")[2]},
-    ),
+    "snapshot": ("snapshot_pb2", "SnapshotRemove", "/snapshot/remove", lambda r: {"key": r.id}),
 }
 
 

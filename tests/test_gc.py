@@ -482,6 +482,21 @@ def test_content_removed_from_a_namespace_is_published_as_content_delete(tmp_pat
         loader.close()
 
 
+def test_a_snapshot_removed_from_a_namespace_is_published_as_snapshot_remove(tmp_path, metadata):
+    from core.api.containerd.events import snapshot_pb2
+
+    snapshots = DictKind(("snapshot/overlayfs",), [Resource("snapshot/overlayfs", NS, "layer-1")])
+    loader = load_gc(tmp_path, metadata, ("service.snaps", Registration(init=lambda ctx: KindsService(snapshots))))
+    try:
+        subscription = loader.events.subscribe()
+        loader.records["gc.scheduler"].instance.collect_now()
+        envelope = subscription.get(timeout=10)
+        assert envelope is not None and (envelope.namespace, envelope.topic) == (NS, "/snapshot/remove")
+        assert envelope.event == snapshot_pb2.SnapshotRemove(key="layer-1")
+    finally:
+        loader.close()
+
+
 def test_a_negative_interval_is_a_config_error(tmp_path, metadata):
     with pytest.raises(ConfigError, match=r"plugins\.gc\.scheduler: interval_seconds must not be negative"):
         load_gc(tmp_path, metadata, interval_seconds=-1)
