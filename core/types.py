@@ -92,14 +92,17 @@ class Platform:
 
     @classmethod
     def from_oci(cls, data: Mapping[str, Any]) -> Platform:
-        """Read an OCI platform object; InvalidArgument when ``os`` or ``architecture`` is missing."""
+        """Read an OCI platform object; InvalidArgument when ``os`` or ``architecture`` is missing or malformed."""
+        features = data.get("os.features") or ()
+        if not isinstance(features, list | tuple) or not all(isinstance(f, str) for f in features):
+            raise InvalidArgument(f"invalid platform object {dict(data)!r}: os.features must be a list of strings")
         try:
             return cls(
                 os=str(data["os"]),
                 architecture=str(data["architecture"]),
                 variant=str(data.get("variant", "")),
                 os_version=str(data.get("os.version", "")),
-                os_features=tuple(data.get("os.features") or ()),
+                os_features=tuple(features),
             )
         except (KeyError, TypeError) as err:
             raise InvalidArgument(f"invalid platform object {dict(data)!r}: needs 'os' and 'architecture'") from err
@@ -147,12 +150,22 @@ class Descriptor:
             raise InvalidArgument(f"invalid descriptor: missing {err.args[0]!r}") from err
         except TypeError as err:
             raise InvalidArgument(f"invalid descriptor: expected an object, got {type(data).__name__}") from err
-        platform = data.get("platform")
+        annotations, urls, platform = data.get("annotations") or {}, data.get("urls") or [], data.get("platform")
+        if not isinstance(media_type, str):
+            raise InvalidArgument(f"invalid descriptor: mediaType must be a string, got {media_type!r}")
+        if not isinstance(annotations, Mapping) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in annotations.items()
+        ):
+            raise InvalidArgument("invalid descriptor: annotations must map strings to strings")
+        if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+            raise InvalidArgument("invalid descriptor: urls must be a list of strings")
+        if platform is not None and not isinstance(platform, Mapping):
+            raise InvalidArgument(f"invalid descriptor: platform must be an object, got {type(platform).__name__}")
         return cls(
-            media_type=str(media_type),
+            media_type=media_type,
             digest=digest,
             size=size,
-            annotations=dict(data.get("annotations") or {}),
-            urls=tuple(data.get("urls") or ()),
+            annotations=dict(annotations),
+            urls=tuple(urls),
             platform=Platform.from_oci(platform) if platform else None,
         )

@@ -275,6 +275,22 @@ def test_descriptor_round_trips_through_oci_json() -> None:
         Descriptor.from_oci({"mediaType": "t", "digest": EMPTY_SHA256})
 
 
+@pytest.mark.parametrize(
+    "malformed",
+    [
+        {"mediaType": 1},
+        {"annotations": ["a"]},
+        {"annotations": {"a": 1}},
+        {"urls": "https://example.com"},
+        {"platform": "linux/amd64"},
+        {"platform": {"os": "linux", "architecture": "amd64", "os.features": 5}},
+    ],
+)
+def test_a_malformed_optional_descriptor_field_is_invalid_argument(malformed: dict[str, object]) -> None:
+    with pytest.raises(InvalidArgument, match="invalid"):
+        Descriptor.from_oci({"mediaType": "t", "digest": EMPTY_SHA256, "size": 0, **malformed})
+
+
 # -- content store helpers, against a minimal in-memory store -------------------------------------
 
 
