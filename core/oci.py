@@ -272,12 +272,6 @@ def _media_type(doc: Mapping[str, Any], given: str, default: str) -> str:
 def _descriptor(value: Any, where: str) -> Descriptor:
     if not isinstance(value, dict):
         raise InvalidArgument(f"{where}: expected a descriptor object")
-    if not isinstance(value.get("mediaType", ""), str):
-        raise InvalidArgument(f"{where}: 'mediaType' must be a string")
-    _string_map(value, "annotations", where)
-    _strings(value, "urls", where)
-    if not isinstance(value.get("platform") or {}, dict):
-        raise InvalidArgument(f"{where}: 'platform' must be an object")
     try:
         return Descriptor.from_oci(value)
     except InvalidArgument as err:
