@@ -18,6 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -278,8 +279,10 @@ def tree_differences(
 @contextmanager
 def mounted_image(daemon: Daemon, ref: str, parent: Path, namespace: str | None = None) -> Iterator[Path]:
     """``ctr images mount REF TARGET`` (a read-only view, unpacking first if needed) on a fresh dir under
-    ``parent``; afterwards ``ctr images unmount --rm`` (view and lease removed) and the dir is removed."""
-    target = Path(tempfile.mkdtemp(prefix="mnt-", dir=parent))
+    ``parent``; afterwards ``ctr images unmount --rm`` (view and lease removed) and the dir is removed.
+    ctr names the view and its lease after TARGET, the absolute path."""
+    target = Path(parent) / f"mnt-{uuid.uuid4().hex[:12]}"
+    target.mkdir()
     try:
         ctr(daemon, "images", "mount", ref, str(target), namespace=namespace)
         yield target
