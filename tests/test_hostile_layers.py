@@ -127,8 +127,11 @@ CASES: dict[str, Case] = {
             .device("dev/mem", "char", 1, 1)
             .device("dev/sda", "block", 8, 0)
             .device("dev/kmsg", "char", 1, 11, mode=0o666, uid=1000)
-            .device(f"{UP}{s}/device", "char", 1, 3)
+            .device("dev/fifo", "fifo", 0, 0, mode=0o620)
         ]
+    ),
+    "device-outside": Case(
+        lambda s: [Layer().device(f"{UP}{s}/device", "char", 1, 3).device(f"/{s}/dev2", "block", 8, 0)]
     ),
     "absurd-size-octal": Case(lambda s: [Layer().raw(size_header("big", b"77777777777\0") + PAYLOAD)]),
     "absurd-size-base256": Case(lambda s: [Layer().raw(size_header("big", b"\x80" + (1 << 62).to_bytes(11, "big")))]),
