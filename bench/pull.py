@@ -88,16 +88,21 @@ def push_images(registry: Registry, directory: Path, variants: list[str]) -> dic
 
 
 def pull_once(subject: str, ref: str, env: dict[str, str] | None, parent: str) -> tuple[float, float]:
-    """Start ``subject`` fresh, pull ``ref`` with ctr; returns (seconds, daemon CPU ms)."""
+    """Start ``subject`` fresh, pull ``ref`` with ctr (then check it unpacked every layer); returns
+    (seconds, daemon CPU ms)."""
     daemon = start_daemon(subject, env, parent)
     try:
         os.sync()
         cpu0, t0 = cpu_ms(daemon.pid), time.perf_counter()
         try:
             ctr(daemon, "images", "pull", "--plain-http", ref, namespace=NAMESPACE)
+            seconds, cpu = time.perf_counter() - t0, cpu_ms(daemon.pid) - cpu0
+            snapshots = ctr(daemon, "snapshots", "ls", namespace=NAMESPACE).stdout.splitlines()[1:]
         except AssertionError as err:
             raise RuntimeError(f"{subject}: {err}") from None
-        return time.perf_counter() - t0, cpu_ms(daemon.pid) - cpu0
+        if len(snapshots) != len(LAYER_MIB):
+            raise RuntimeError(f"{subject}: {len(snapshots)} snapshots after the pull, not {len(LAYER_MIB)}")
+        return seconds, cpu
     finally:
         daemon.close()
 
