@@ -352,6 +352,16 @@ def test_ids_out_of_range_are_refused(jail: Jail, fields: dict[str, Any]) -> Non
         )
 
 
+def test_space_padded_numbers_as_old_tars_wrote_them(jail: Jail) -> None:
+    block = bytearray(_raw_header(b"old", b"        14 \0"))  # octal: 12 bytes
+    block[100:108], block[108:116] = b"   750 \0", b"    17  "
+    block[148:156] = b" " * 8
+    block[148:156] = b"%6o\0 " % sum(block)
+    apply(jail, bytes(block) + b"twelve bytes".ljust(512, b"\0"))
+    info = (jail.root / "old").lstat()
+    assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_size) == (0o750, 0o17, 12)
+
+
 def test_malformed_pax_records_are_refused(jail: Jail) -> None:
     for records in (b"5 a=b\n", b"10 nokey\n\n", b"x path=a\n", b"12 mtime=1x\n"):
         data = records.ljust(512, b"\0")

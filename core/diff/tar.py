@@ -12,6 +12,7 @@ limit), an unsupported entry type, or a stream that ends inside a header or an e
 from __future__ import annotations
 
 import os
+import re
 import zlib
 from collections.abc import Iterable, Iterator
 
@@ -185,9 +186,10 @@ class TarReader:
                 if following.strip(b"\0"):
                     raise InvalidArgument("invalid tar stream: data after an end-of-archive block")
                 return None
-            _check_sum(block)
+            numbers = _numbers(block)
+            _check_sum(block, numbers[5])
             flag = chr(block[156])
-            size = _number(block[124:136], "size")
+            size = numbers[3]
             if flag in ("x", "g", "L", "K"):
                 if size > _MAX_SPECIAL:
                     raise InvalidArgument(f"invalid tar stream: a {flag!r} header of {size} bytes exceeds 1 MiB")
@@ -202,7 +204,7 @@ class TarReader:
                 elif flag == "K":
                     long_link = _string(data)
                 continue  # a global header ("g") is skipped, as containerd ignores it
-            entry = _entry(block, flag, size, pax)
+            entry = _entry(block, flag, numbers, pax)
             if long_name is not None:
                 entry.name = long_name
             if long_link is not None:
@@ -215,8 +217,8 @@ class TarReader:
             return entry
 
 
-def _entry(block: bytes, flag: str, size: int, pax: dict[str, bytes]) -> TarEntry:
-    """The entry of a header block, with its PAX records applied."""
+def _entry(block: bytes, flag: str, numbers: tuple[int, ...], pax: dict[str, bytes]) -> TarEntry:
+    """The entry of a header block (whose :func:`_numbers` are given), with its PAX records applied."""
     kind = _REGULAR_TYPES.get(flag)
     if kind is None:
         if flag not in _HEADER_ONLY_TYPES:
@@ -233,15 +235,8 @@ def _entry(block: bytes, flag: str, size: int, pax: dict[str, bytes]) -> TarEntr
             name = f"{prefix}/{name}"
     elif magic == b"ustar " and block[345]:  # GNU: an access time may follow
         atime = _number(block[345:357], "atime") * 1_000_000_000
-    entry = TarEntry(
-        name,
-        kind,
-        _number(block[100:108], "mode") & 0o7777,
-        _number(block[108:116], "uid"),
-        _number(block[116:124], "gid"),
-        size,
-        _number(block[136:148], "mtime") * 1_000_000_000,
-    )
+    mode, uid, gid, size, mtime, _ = numbers
+    entry = TarEntry(name, kind, mode & 0o7777, uid, gid, size, mtime * 1_000_000_000)
     entry.atime = atime
     entry.linkname = _string(block[157:257])
     if kind in (CHAR_DEVICE, BLOCK_DEVICE):
@@ -277,11 +272,10 @@ def _apply_pax(entry: TarEntry, pax: dict[str, bytes]) -> None:
             raise InvalidArgument(f"unsupported tar entry {entry.name!r}: sparse files are not supported")
 
 
-def _check_sum(block: bytes) -> None:
+def _check_sum(block: bytes, recorded: int) -> None:
     """The header checksum: the sum of its bytes, the checksum field counted as spaces (unsigned, or
     signed as some old tars wrote it). Compared modulo 65521 through adler32's byte sum, ten times
     faster than summing in Python: only a checksum off by exactly 65521 passes where Go refuses it."""
-    recorded = _number(block[148:156], "checksum")
     field = sum(block[148:156])
     if ((zlib.adler32(block) & 0xFFFF) - 1 - field + 8 * 32 - recorded) % 65521 == 0:
         return
@@ -289,6 +283,26 @@ def _check_sum(block: bytes) -> None:
     signed = unsigned - 256 * sum(1 for byte in block if byte > 127) + 256 * sum(1 for b in block[148:156] if b > 127)
     if recorded != signed:
         raise InvalidArgument(f"invalid tar header for {_string(block[:100])!r}: checksum mismatch")
+
+
+_USUAL_NUMBERS = re.compile(rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 ")
+_NUMBER_FIELDS = (
+    ("mode", 100, 108),
+    ("uid", 108, 116),
+    ("gid", 116, 124),
+    ("size", 124, 136),
+    ("mtime", 136, 148),
+    ("checksum", 148, 156),
+)
+
+
+def _numbers(block: bytes) -> tuple[int, ...]:
+    """Mode, uid, gid, size, mtime and checksum of a header block. Fast for the zero-padded,
+    NUL-terminated octal fields that tar, Go and Python write; any other spelling goes field by field."""
+    usual = _USUAL_NUMBERS.match(block, 100, 156)
+    if usual is not None:
+        return tuple(int(text, 8) for text in usual.groups())
+    return tuple(_number(block[start:end], what) for what, start, end in _NUMBER_FIELDS)
 
 
 def _number(field: bytes, what: str) -> int:
