@@ -181,7 +181,7 @@ def pull(daemon: Any, ref: str, namespace: str) -> None:
 
 def assert_same_trees(ours: dict[str, Node], theirs: dict[str, Node], unstable: Sequence[str] = ()) -> None:
     differences = tree_differences(ours, theirs, unstable_mtimes=unstable)
-    assert not differences, "containerkitd's tree differs from containerd's:\n" + "\n".join(differences)
+    assert not differences, "the trees differ (ours = the first):\n" + "\n".join(differences)
 
 
 # -- the unpacked tree -------------------------------------------------------------------------------------
@@ -388,3 +388,14 @@ def test_info_json_shape(both: tuple[Any, Any], images: dict[str, str]) -> None:
         )
         infos.append({key: value for key, value in info.items() if key not in ("Created", "Updated")})
     assert infos[0] == infos[1]
+
+
+def test_unpacked_image_survives_restart(make_daemon: Any, images: dict[str, str], tmp_path: Path) -> None:
+    """After a restart the image mounts from the snapshots already there: same tree, nothing unpacked again."""
+    ours = make_daemon()
+    pull(ours, images["mixed"], "restart")
+    before = image_tree(ours, images["mixed"], tmp_path, "restart")
+    snapshots = ctr(ours, "snapshots", "ls", namespace="restart").stdout
+    ours.restart()
+    assert ctr(ours, "snapshots", "ls", namespace="restart").stdout == snapshots
+    assert_same_trees(image_tree(ours, images["mixed"], tmp_path, "restart"), before)
