@@ -105,11 +105,12 @@ def apply_tar(
     reader.drain()
 
 
-def scoped_path(root: str, rel: str) -> str:
+def scoped_path(root: str, rel: str, *, start: str = "") -> str:
     """``root`` joined with ``rel``, every symlink met resolved as if ``root`` were ``/`` (containerd's
     ``fs.RootPath``): the result is inside ``root``. Components that do not exist are kept as they are.
-    InvalidArgument after :data:`MAX_SYMLINKS` links (a loop)."""
-    resolved: list[str] = []
+    ``start``, a path this function returned for ``root``, is where a relative ``rel`` begins (default:
+    the root). InvalidArgument after :data:`MAX_SYMLINKS` links (a loop)."""
+    resolved = start[len(root) + 1 :].split("/") if len(start) > len(root) else []
     pending = rel.split("/")[::-1]
     links = 0
     while pending:
@@ -335,8 +336,9 @@ class _Extractor:
         if not rel:
             return self.root
         path = self.dirs.get(rel)
-        if path is None:
-            path = scoped_path(self.root, rel)
+        if path is None:  # resolved in the parent's resolution: one component to look at, not all
+            above, _, name = rel.rpartition("/")
+            path = scoped_path(self.root, name, start=self._directory(above))
             self._make_parents(path)
             self.dirs[rel] = path
         return path

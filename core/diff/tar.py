@@ -286,6 +286,7 @@ def _check_sum(block: bytes, recorded: int) -> None:
 
 
 _USUAL_NUMBERS = re.compile(rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 ")
+_OCTAL = (8,) * 6
 _NUMBER_FIELDS = (
     ("mode", 100, 108),
     ("uid", 108, 116),
@@ -301,7 +302,7 @@ def _numbers(block: bytes) -> tuple[int, ...]:
     NUL-terminated octal fields that tar, Go and Python write; any other spelling goes field by field."""
     usual = _USUAL_NUMBERS.match(block, 100, 156)
     if usual is not None:
-        return tuple(int(text, 8) for text in usual.groups())
+        return tuple(map(int, usual.groups(), _OCTAL))
     return tuple(_number(block[start:end], what) for what, start, end in _NUMBER_FIELDS)
 
 
