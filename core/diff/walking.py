@@ -7,6 +7,7 @@ containerd's walking differ does.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = ["WalkingDiffer", "plugin"]
 
+log = logging.getLogger("containerkit.diff")
+
 READ_CHUNK = 1 << 20
 
 
@@ -44,8 +47,14 @@ class WalkingDiffer(Differ):
         *,
         diff_id: Digest | str | None = None,
     ) -> Descriptor:
+        started = time.perf_counter()
         with self._content.reader_at(namespace, layer) as reader:
-            return apply_layer(reader.chunks(chunk_size=READ_CHUNK), layer.media_type, mounts, diff_id=diff_id)
+            applied = apply_layer(reader.chunks(chunk_size=READ_CHUNK), layer.media_type, mounts, diff_id=diff_id)
+        log.debug(
+            "diff applied",
+            extra={"d": f"{time.perf_counter() - started:.3f}s", "digest": layer.digest, "size": applied.size},
+        )
+        return applied
 
     def compare(
         self,
