@@ -1,15 +1,15 @@
 """Applying a layer's tar stream onto a directory, as containerd's ``archive.Apply`` does.
 
-Path safety, as containerd with one deliberate difference:
+Path safety, as containerd (so that the same layer unpacks to the same tree):
 
-- Entry names are cleaned. A relative name whose ``..`` climbs above the root is refused ("is
-  outside of the root"), where containerd silently clamps it; absolute names are taken relative
-  to the root. An entry naming the root itself is ignored.
+- Entry names are cleaned and taken relative to the root as if it were ``/``: an absolute name
+  starts at the root, and ``..`` stops there (``../../etc/x`` is ``etc/x``). An entry naming the
+  root itself is ignored.
 - The parent directories of an entry are resolved with symlinks followed *inside* the root: an
   absolute link target starts at the root, ``..`` stops there, chains are followed (at most 255
   links). The final component is never followed: it is replaced (removed first) unless both it and
   the entry are directories, which merge.
-- A hardlink's target is resolved the same way and must be inside the root.
+- A hardlink's target is resolved the same way, so it is inside the root too.
 
 Missing parent directories are created (0755 root:root, or with the owner, mode, times and xattrs
 of the same directory in the first ``parents`` directory holding it: an overlay's lower layers).
@@ -139,8 +139,8 @@ def scoped_path(root: str, rel: str, *, start: str = "") -> str:
     return root + "/" + "/".join(resolved) if resolved else root
 
 
-def _clean(name: str, what: str) -> str:
-    """``name`` cleaned and made relative (``""`` for the root); InvalidArgument when ``..`` leaves the root."""
+def _clean(name: str) -> str:
+    """``name`` cleaned and made relative to the root, which ``..`` cannot leave (``""``: the root itself)."""
     if "//" not in name and "/." not in "/" + name:  # the common case: nothing to clean
         return name.strip("/")
     parts: list[str] = []
@@ -151,8 +151,6 @@ def _clean(name: str, what: str) -> str:
             parts.append(part)
         elif parts:
             parts.pop()
-        elif not name.startswith("/"):
-            raise InvalidArgument(f"{what} {name!r} is outside of the root")
     return "/".join(parts)
 
 
@@ -185,7 +183,7 @@ class _Extractor:
         self.dir_times: list[tuple[str, int, int]] = []
 
     def extract(self, entry: TarEntry, reader: TarReader) -> None:
-        rel = _clean(entry.name, "tar entry")
+        rel = _clean(entry.name)
         if not rel:
             return  # the root itself: containerd ignores it
         parent_rel, _, base = rel.rpartition("/")
@@ -290,7 +288,7 @@ class _Extractor:
             make()
 
     def _link_target(self, entry: TarEntry) -> str:
-        rel = _clean(entry.linkname, f"hardlink target of {entry.name!r}:")
+        rel = _clean(entry.linkname)
         parent_rel, _, base = rel.rpartition("/")
         parent = self.dirs.get(parent_rel) or scoped_path(self.root, parent_rel)
         return f"{parent}/{base}" if base else parent
