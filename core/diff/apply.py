@@ -1,8 +1,8 @@
 """Applying a layer onto a snapshot's mounts: decompress, hash and extract in one streaming pass.
 
-A thread of its own reads, decompresses and hashes the layer (zlib, zstandard and hashlib release
-the GIL) while the calling thread parses the tar stream and writes files. Where the layer lands
-depends on the mounts, as containerd's applier decides:
+One thread reads and decompresses the layer, another hashes it (zlib, zstandard and hashlib
+release the GIL), while the calling thread parses the tar stream and writes files. Where the layer
+lands depends on the mounts, as containerd's applier decides:
 
 - one overlay mount with an ``upperdir``: extracted straight into the upperdir, whiteouts as
   overlay's own, missing parents given the attributes of the lowerdirs' (no mount needed);

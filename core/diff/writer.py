@@ -104,7 +104,7 @@ class LayerWriter:
         self._source = source
         self._out = out
         self._buffer = bytearray()
-        self._dirs: set[str] = set()  # directories written (or the root's children's parents)
+        self._dirs: set[str] = set()  # directories written already
         self._inode_names: dict[tuple[int, int], str] = {}  # hardlinked inode -> the name written with data
         self._inode_waiting: dict[tuple[int, int], list[str]] = {}  # unmodified names of an inode not written yet
 
