@@ -7,7 +7,6 @@ request's lease (``containerd-lease`` metadata) like any other write.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +15,7 @@ import grpc
 from core.plugin import InitContext, Registration
 from core.server import LEASE_METADATA_KEY, metadata_value, namespace_of
 from core.services.images import descriptor_of, descriptor_pb
-from core.types import Mount
+from core.services.snapshots import mounts_of
 
 if TYPE_CHECKING:
     from core.diff import Differ
@@ -29,11 +28,6 @@ class DiffServiceConfig:
     """``[plugins.service.diff]``: ``differ`` is the id of the differ plugin serving the calls."""
 
     differ: str = "walking"
-
-
-def mounts_of(messages: Iterable[Any]) -> list[Mount]:
-    """The :class:`Mount` list of repeated ``containerd.types.Mount`` messages."""
-    return [Mount(m.type, m.source, tuple(m.options), m.target) for m in messages]
 
 
 class DiffService:
