@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
 from core.digest import Digest
+from core.oci import OCI_LAYER_GZIP
 from core.types import Descriptor, Mount
 
 __all__ = ["LABEL_UNCOMPRESSED", "Differ"]
@@ -53,7 +54,7 @@ class Differ(ABC):
         lower: Sequence[Mount],
         upper: Sequence[Mount],
         *,
-        media_type: str = "application/vnd.oci.image.layer.v1.tar+gzip",
+        media_type: str = OCI_LAYER_GZIP,
         ref: str = "",
         labels: Mapping[str, str] | None = None,
         lease: str | None = None,

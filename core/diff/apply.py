@@ -18,10 +18,11 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 from core.diff.archive import Whiteouts, apply_tar
-from core.diff.compression import MEDIA_TYPE_LAYER, Compression, decompress, media_type_compression
+from core.diff.compression import Compression, decompress, media_type_compression
 from core.diff.mounts import aufs_branches, is_bind, overlay_dirs
 from core.digest import CANONICAL, Digest, Digester
 from core.errors import FailedPrecondition
+from core.oci import OCI_LAYER
 from core.types import Descriptor, Mount
 
 __all__ = ["apply_layer", "direct_target"]
@@ -64,7 +65,7 @@ def apply_layer(
     digest, size = inflater.result()
     if expected is not None and digest != expected:
         raise FailedPrecondition(f"applied layer has a wrong diff id: diff id mismatch: got {digest}, want {expected}")
-    return Descriptor(MEDIA_TYPE_LAYER, digest, size)
+    return Descriptor(OCI_LAYER, digest, size)
 
 
 def direct_target(mounts: Sequence[Mount]) -> tuple[str, Whiteouts, list[str]] | None:

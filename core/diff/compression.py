@@ -15,29 +15,17 @@ import enum
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 
+from core import oci
 from core.errors import InvalidArgument
 
 __all__ = [
     "LAYER_MEDIA_TYPES",
-    "MEDIA_TYPE_DOCKER_LAYER_GZIP",
-    "MEDIA_TYPE_LAYER",
-    "MEDIA_TYPE_LAYER_GZIP",
-    "MEDIA_TYPE_LAYER_ZSTD",
     "WRITTEN_MEDIA_TYPES",
     "Compression",
     "compressor",
     "decompress",
     "media_type_compression",
 ]
-
-MEDIA_TYPE_LAYER = "application/vnd.oci.image.layer.v1.tar"
-MEDIA_TYPE_LAYER_GZIP = MEDIA_TYPE_LAYER + "+gzip"
-MEDIA_TYPE_LAYER_ZSTD = MEDIA_TYPE_LAYER + "+zstd"
-MEDIA_TYPE_LAYER_NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar"
-MEDIA_TYPE_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
-MEDIA_TYPE_DOCKER_LAYER_GZIP = MEDIA_TYPE_DOCKER_LAYER + ".gzip"
-MEDIA_TYPE_DOCKER_LAYER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar"
-MEDIA_TYPE_DOCKER_LAYER_FOREIGN_GZIP = MEDIA_TYPE_DOCKER_LAYER_FOREIGN + ".gzip"
 
 PIECE = 4 << 20
 """Upper bound of one decompressed piece, in bytes."""
@@ -53,25 +41,25 @@ class Compression(enum.StrEnum):
 
 
 LAYER_MEDIA_TYPES: dict[str, Compression] = {
-    MEDIA_TYPE_LAYER: Compression.NONE,
-    MEDIA_TYPE_LAYER_GZIP: Compression.DETECT,
-    MEDIA_TYPE_LAYER_ZSTD: Compression.DETECT,
-    MEDIA_TYPE_LAYER_NONDISTRIBUTABLE: Compression.NONE,
-    MEDIA_TYPE_LAYER_NONDISTRIBUTABLE + "+gzip": Compression.DETECT,
-    MEDIA_TYPE_LAYER_NONDISTRIBUTABLE + "+zstd": Compression.DETECT,
-    MEDIA_TYPE_DOCKER_LAYER: Compression.DETECT,
-    MEDIA_TYPE_DOCKER_LAYER_GZIP: Compression.DETECT,
-    MEDIA_TYPE_DOCKER_LAYER_FOREIGN: Compression.DETECT,
-    MEDIA_TYPE_DOCKER_LAYER_FOREIGN_GZIP: Compression.DETECT,
+    oci.OCI_LAYER: Compression.NONE,
+    oci.OCI_LAYER_GZIP: Compression.DETECT,
+    oci.OCI_LAYER_ZSTD: Compression.DETECT,
+    oci.OCI_LAYER_NONDISTRIBUTABLE: Compression.NONE,
+    oci.OCI_LAYER_NONDISTRIBUTABLE_GZIP: Compression.DETECT,
+    oci.OCI_LAYER_NONDISTRIBUTABLE_ZSTD: Compression.DETECT,
+    oci.DOCKER_LAYER: Compression.DETECT,
+    oci.DOCKER_LAYER_GZIP: Compression.DETECT,
+    oci.DOCKER_LAYER_FOREIGN: Compression.DETECT,
+    oci.DOCKER_LAYER_FOREIGN_GZIP: Compression.DETECT,
 }
 """The layer media types a differ applies, and how each is decompressed."""
 
 WRITTEN_MEDIA_TYPES: dict[str, Compression] = {
-    MEDIA_TYPE_LAYER: Compression.NONE,
-    MEDIA_TYPE_LAYER_GZIP: Compression.GZIP,
-    MEDIA_TYPE_LAYER_ZSTD: Compression.ZSTD,
-    MEDIA_TYPE_DOCKER_LAYER: Compression.NONE,
-    MEDIA_TYPE_DOCKER_LAYER_GZIP: Compression.GZIP,
+    oci.OCI_LAYER: Compression.NONE,
+    oci.OCI_LAYER_GZIP: Compression.GZIP,
+    oci.OCI_LAYER_ZSTD: Compression.ZSTD,
+    oci.DOCKER_LAYER: Compression.NONE,
+    oci.DOCKER_LAYER_GZIP: Compression.GZIP,
 }
 """The layer media types a differ writes, and how each is compressed."""
 

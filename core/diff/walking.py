@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 
 from core.diff import LABEL_UNCOMPRESSED, Differ
 from core.diff.apply import apply_layer
-from core.diff.compression import MEDIA_TYPE_LAYER_GZIP, WRITTEN_MEDIA_TYPES
+from core.diff.compression import WRITTEN_MEDIA_TYPES
 from core.diff.writer import write_diff
 from core.digest import Digest
 from core.errors import AlreadyExists, NotFound, NotImplementedByPlugin
+from core.oci import OCI_LAYER_GZIP
 from core.plugin import InitContext, Registration
 from core.types import Descriptor, Mount
 
@@ -62,7 +63,7 @@ class WalkingDiffer(Differ):
         lower: Sequence[Mount],
         upper: Sequence[Mount],
         *,
-        media_type: str = MEDIA_TYPE_LAYER_GZIP,
+        media_type: str = OCI_LAYER_GZIP,
         ref: str = "",
         labels: Mapping[str, str] | None = None,
         lease: str | None = None,

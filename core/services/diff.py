@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from core.oci import OCI_LAYER_GZIP
 from core.plugin import InitContext, Registration
 from core.server import LEASE_METADATA_KEY, metadata_value, namespace_of
 from core.services.images import descriptor_of, descriptor_pb
@@ -19,8 +20,6 @@ from core.services.snapshots import mounts_of
 
 if TYPE_CHECKING:
     from core.diff import Differ
-
-DEFAULT_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
 @dataclass
@@ -54,7 +53,7 @@ class DiffService:
                     namespace,
                     mounts_of(request.left),
                     mounts_of(request.right),
-                    media_type=request.media_type or DEFAULT_MEDIA_TYPE,
+                    media_type=request.media_type or OCI_LAYER_GZIP,
                     ref=request.ref,
                     labels=dict(request.labels),
                     lease=metadata_value(context, LEASE_METADATA_KEY) or None,
