@@ -288,10 +288,21 @@ class _Extractor:
             make()
 
     def _link_target(self, entry: TarEntry) -> str:
+        """The path a hardlink entry links to, inside the root; InvalidArgument unless it names an
+        existing non-directory there (a layer can only link to what it or the snapshot holds)."""
         rel = _clean(entry.linkname)
         parent_rel, _, base = rel.rpartition("/")
-        parent = self.dirs.get(parent_rel) or scoped_path(self.root, parent_rel)
-        return f"{parent}/{base}" if base else parent
+        try:
+            parent = self.dirs.get(parent_rel) or scoped_path(self.root, parent_rel)
+            target = f"{parent}/{base}" if base else parent
+            is_directory = stat.S_ISDIR(os.lstat(target).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            raise InvalidArgument(
+                f"invalid hardlink {entry.name!r}: its target {entry.linkname!r} is not in the layer or snapshot"
+            ) from None
+        if is_directory:
+            raise InvalidArgument(f"invalid hardlink {entry.name!r}: its target {entry.linkname!r} is a directory")
+        return target
 
     def _set_attributes(self, entry: TarEntry, path: str) -> None:
         os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
