@@ -7,11 +7,11 @@ value means "remove the label" (that is the caller's semantics, not validation's
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from core.errors import InvalidArgument
 
-__all__ = ["MAX_SIZE", "validate_label", "validate_labels"]
+__all__ = ["MAX_SIZE", "merge_label_paths", "validate_label", "validate_labels"]
 
 MAX_SIZE = 4096
 """Maximum size of a label's key and value together, in UTF-8 bytes."""
@@ -34,3 +34,22 @@ def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
     for key, value in labels.items():
         validate_label(key, value)
     return dict(labels)
+
+
+def merge_label_paths(
+    current: Mapping[str, str], given: Mapping[str, str], fieldpaths: Sequence[str], subject: str
+) -> dict[str, str]:
+    """The labels an update with containerd's field paths leaves: ``labels`` takes all of ``given``,
+    ``labels.<key>`` takes one (``""`` when ``given`` lacks it: the caller drops empty values); no
+    paths means ``labels``. Not validated. InvalidArgument (``cannot update "<path>" field on
+    <subject>``) for any other path."""
+    labels = dict(current)
+    for path in fieldpaths or ("labels",):
+        if path.startswith("labels."):
+            key = path.removeprefix("labels.")
+            labels[key] = given.get(key, "")
+        elif path == "labels":
+            labels = dict(given)
+        else:
+            raise InvalidArgument(f'cannot update "{path}" field on {subject}')
+    return labels

@@ -38,7 +38,7 @@ from typing import Any
 
 from core import filters as filter_language
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from core.labels import validate_labels
+from core.labels import merge_label_paths, validate_labels
 from core.metadata.store import MetadataStore, Migration, from_ns
 from core.plugin import SkipPlugin
 from core.snapshot import LABEL_REBASE, Info, Kind, Snapshotter, Usage
@@ -190,15 +190,7 @@ class DirectorySnapshotter(Snapshotter):
         now = time.time_ns()
         with self._store.transaction() as conn:
             row = _row(conn, info.name)
-            labels = _labels(conn, row["id"])
-            for path in fieldpaths or ("labels",):
-                if path.startswith("labels."):
-                    key = path.removeprefix("labels.")
-                    labels[key] = info.labels.get(key, "")
-                elif path == "labels":
-                    labels = dict(info.labels)
-                else:
-                    raise InvalidArgument(f'cannot update "{path}" field on snapshot "{info.name}"')
+            labels = merge_label_paths(_labels(conn, row["id"]), info.labels, fieldpaths, f'snapshot "{info.name}"')
             _write_labels(conn, row["id"], _clean_labels(labels))
             conn.execute("UPDATE snapshots SET updated_at = ? WHERE id = ?", (now, row["id"]))
             return _info(conn, _row(conn, info.name))

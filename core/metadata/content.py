@@ -46,7 +46,7 @@ from core.content import ContentStore, Info, ReaderAt, Status, Writer
 from core.digest import Digest
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from core.gc import Resource
-from core.labels import validate_labels
+from core.labels import merge_label_paths, validate_labels
 from core.metadata.images import LABEL_GC_ROOT, label_references
 from core.metadata.images import migrate as migrate_images
 from core.metadata.leases import LeaseResource, LeaseStore
@@ -180,15 +180,7 @@ class ContentMetadata:
             current = _blob_info(conn, namespace, digest)
             if current is None:
                 raise NotFound(f"content digest {digest}: not found")
-            labels = dict(current.labels)
-            for path in fieldpaths or ("labels",):
-                if path.startswith("labels."):
-                    key = path.removeprefix("labels.")
-                    labels[key] = info.labels.get(key, "")
-                elif path == "labels":
-                    labels = dict(info.labels)
-                else:
-                    raise InvalidArgument(f'cannot update "{path}" field on content info "{digest}"')
+            labels = merge_label_paths(current.labels, info.labels, fieldpaths, f'content info "{digest}"')
             labels = {key: value for key, value in validate_labels(labels).items() if value}
             conn.execute(
                 "UPDATE blobs SET updated_at = ? WHERE namespace = ? AND digest = ?", (now, namespace, str(digest))

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from core.gc import Resource
-from core.labels import validate_labels
+from core.labels import merge_label_paths, validate_labels
 from core.metadata.images import LABEL_GC_ROOT, label_references
 from core.metadata.leases import LeaseResource, LeaseStore
 from core.metadata.namespaces import NamespaceStore
@@ -281,16 +281,8 @@ class SnapshotMetadata:
         with self._store.gc_lock, self._store.transaction() as conn:
             record = _existing(conn, namespace, snapshotter, name)
             current = _labels(conn, record.id)
-            labels = dict(current)
-            for path in fieldpaths or ("labels",):
-                if path.startswith("labels."):
-                    label = path.removeprefix("labels.")
-                    labels[label] = info.labels.get(label, "")
-                elif path == "labels":
-                    labels = dict(info.labels)
-                else:
-                    raise InvalidArgument(f'cannot update "{path}" field on snapshot "{name}": invalid argument')
-            labels = _checked(labels)
+            subject = f'snapshot "{name}": invalid argument'  # containerd's message carries the code's text
+            labels = _checked(merge_label_paths(current, info.labels, fieldpaths, subject))
             conn.execute("UPDATE snapshots SET updated_at = ? WHERE id = ?", (now, record.id))
             _write_labels(conn, record.id, labels, replace=True)
             if inherited_labels(labels) != inherited_labels(current):
