@@ -8,7 +8,6 @@ containerd runs with its default config except for the paths (see :func:`contain
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -25,6 +24,7 @@ import grpc
 from google.protobuf import empty_pb2
 
 from core.api.containerd.services.version.v1 import version_pb2_grpc
+from core.mount import mount_points, unmount
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -40,8 +40,6 @@ POLL_INTERVAL_S = 0.002
 CALL_DEADLINE_S = 0.5
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
-
-MNT_DETACH = 2
 
 
 # ---------------------------------------------------------------------------------------------- probes
@@ -170,40 +168,29 @@ def stop(proc: subprocess.Popen) -> int | None:
     return proc.returncode
 
 
-def _unescape_mount(path: str) -> str:
-    # /proc/mounts escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(path):
-        if path[i] == "\\" and path[i + 1 : i + 4].isdigit() and len(path[i + 1 : i + 4]) == 3:
-            out.append(chr(int(path[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(path[i])
-            i += 1
-    return "".join(out)
-
-
 def unmount_under(base: Path) -> list[str]:
     """Lazily unmount every mount point at or under base, deepest first; returns what was unmounted."""
     prefix = str(base).rstrip("/") + "/"
-    libc = ctypes.CDLL(None, use_errno=True)
     done: list[str] = []
     for _ in range(10):  # stacked mounts: repeat until nothing is left
-        points = []
-        with open("/proc/self/mounts") as mounts:
-            for line in mounts:
-                point = _unescape_mount(line.split()[1])
-                if point == str(base) or point.startswith(prefix):
-                    points.append(point)
+        points = {point for point in mount_points() if point == str(base) or point.startswith(prefix)}
         if not points:
             break
         for point in sorted(points, key=len, reverse=True):
-            if libc.umount2(os.fsencode(point), MNT_DETACH) == 0:
-                done.append(point)
+            try:
+                unmount(point, detach=True)
+            except OSError as err:
+                print(f"warning: umount {point}: {err.strerror}", file=sys.stderr)
             else:
-                err = ctypes.get_errno()
-                print(f"warning: umount {point}: {os.strerror(err)}", file=sys.stderr)
+                done.append(point)
     return done
+
+
+def print_columns(rows: Sequence[Sequence[str]]) -> None:
+    """Print ``rows`` (the first is the header) as left-aligned columns two spaces apart."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def cleanup(tmp: Path, notes: list[str]) -> None:

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from _daemons import REPO, SUBJECTS, cpu_ms, python_env, start_daemon
+from _daemons import REPO, SUBJECTS, cpu_ms, print_columns, python_env, start_daemon
 
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -151,9 +151,7 @@ def print_table(results: dict[str, Any], runs: int) -> None:
                 f"{ck['median_cpu_s']:.2f} s / {cd['median_cpu_s']:.2f} s",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    print_columns(rows)
     print(f"\n{runs} runs per variant and daemon, fresh roots; target ratio <= {TARGET_RATIO}")
     print(f"load average (1 min): {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 

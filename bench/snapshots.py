@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _daemons import SUBJECTS, RunningDaemon, cpu_ms, python_env, start_daemon
+from _daemons import SUBJECTS, RunningDaemon, cpu_ms, print_columns, python_env, start_daemon
 
 from core.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
 
@@ -102,9 +102,7 @@ def print_table(results: dict[str, Any], runs: int) -> None:
         )
     a, b = ck["cpu_ms_per_run"], cd["cpu_ms_per_run"]
     rows.append(("daemon CPU per prepare+commit", f"{a:.3f}", f"{b:.3f}", f"{a / b:.2f}x"))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    print_columns(rows)
     ratio = ck["median_ms"]["prepare+commit"] / cd["median_ms"]["prepare+commit"]
     verdict = "met" if ratio <= TARGET_RATIO else "missed"
     print(f"\n{runs} runs per daemon; target ratio <= {TARGET_RATIO:.1f}: {verdict} ({ratio:.2f}x)")

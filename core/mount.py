@@ -30,7 +30,16 @@ from pathlib import Path
 
 from core.types import Mount
 
-__all__ = ["ParsedOptions", "is_mountpoint", "mount_all", "parse_options", "temp_mount", "unmount", "unmount_all"]
+__all__ = [
+    "ParsedOptions",
+    "is_mountpoint",
+    "mount_all",
+    "mount_points",
+    "parse_options",
+    "temp_mount",
+    "unmount",
+    "unmount_all",
+]
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -188,11 +197,16 @@ def temp_mount(
         where.rmdir()
 
 
+def mount_points() -> list[str]:
+    """Every mount point of this process's mount namespace, in /proc/self/mountinfo's order (stacked
+    mounts appear once per mount)."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
+        return [_unescape(line.split(" ", 5)[4]) for line in mountinfo]
+
+
 def is_mountpoint(path: str | os.PathLike[str]) -> bool:
     """Whether something is mounted at ``path`` (symlinks resolved), according to /proc/self/mountinfo."""
-    wanted = os.path.realpath(path)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
-        return any(_unescape(line.split(" ", 5)[4]) == wanted for line in mountinfo)
+    return os.path.realpath(path) in mount_points()
 
 
 def _unescape(field: str) -> str:
