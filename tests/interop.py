@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import socket
 import stat
@@ -316,3 +317,12 @@ class Sentinel:
         (tree, links), (tree_before, links_before) = self._state(), self.before
         changed = [] if links == links_before else [f"victim: {links} links, was {links_before}"]
         return changed + tree_differences(tree, tree_before)
+
+
+SNAPSHOT_PATH = re.compile(r"/\S*?/snapshots/\d+/(fs|work)")
+
+
+def normalised(text: str) -> str:
+    """``ctr`` output with the daemon's snapshot paths and the times taken out, for comparing daemons."""
+    text = SNAPSHOT_PATH.sub(r"SNAPSHOT/\1", text)
+    return re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", "TIME", text)

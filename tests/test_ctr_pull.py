@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shlex
 import shutil
 import struct
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from interop import Node, collect_garbage, ctr, image_tree, mounted_image, tree_differences
+from interop import Node, collect_garbage, ctr, image_tree, mounted_image, normalised, tree_differences
 from oci_images import Layer, Layout, busybox_layer, sha256
 
 pytestmark = [
@@ -245,14 +244,6 @@ def test_images_and_snapshots_ls(both: tuple[Any, Any], images: dict[str, str]) 
 
 
 # -- ctr snapshots -------------------------------------------------------------------------------------------
-
-SNAPSHOT_PATH = re.compile(r"/\S*?/snapshots/\d+/(fs|work)")
-
-
-def normalised(text: str) -> str:
-    """Output with the daemon's snapshot paths and the times taken out."""
-    text = SNAPSHOT_PATH.sub(r"SNAPSHOT/\1", text)
-    return re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", "TIME", text)
 
 
 def chain_id(layers: Sequence[Layer]) -> str:

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from interop import ctr
-from test_ctr_pull import normalised
+from interop import ctr, normalised
 
 from core.mount import temp_mount
 from core.types import Mount
@@ -36,9 +35,7 @@ def transcript(daemon: Any) -> list[tuple[str, int, str, str]]:
         result = ctr(daemon, "snapshots", *args, check=False, namespace=NAMESPACE)
         if args[0] == "label":  # ctr prints the labels in Go's map order
             result.stdout = ",".join(sorted(result.stdout.strip().split(","))) + "\n"
-        lines.append(
-            (" ".join(args), result.returncode, normalised(daemon, result.stdout), normalised(daemon, result.stderr))
-        )
+        lines.append((" ".join(args), result.returncode, normalised(result.stdout), normalised(result.stderr)))
         return result
 
     run("prepare", "scratch")
