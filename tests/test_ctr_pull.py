@@ -389,3 +389,36 @@ def test_unpacked_image_survives_restart(make_daemon: Any, images: dict[str, str
     ours.restart()
     assert ctr(ours, "snapshots", "ls", namespace="restart").stdout == snapshots
     assert_same_trees(image_tree(ours, images["mixed"], tmp_path, "restart"), before)
+
+
+# -- a full disk ---------------------------------------------------------------------------------------------
+
+
+def test_a_full_snapshot_disk_fails_the_pull_clearly_and_a_retry_with_space_succeeds(
+    make_daemon: Any, images: dict[str, str], tmp_path: Path
+) -> None:
+    """The overlay snapshotter on a 3 MiB tmpfs: busybox fits, the rich image's 3 MiB file does not. The
+    pull fails with "No space left on device", leaves no active snapshot, and the daemon serves on; with
+    the tmpfs grown, the same pull completes and the tree is whole."""
+    from core.mount import mount_all, unmount_all
+    from core.types import Mount
+
+    small = tmp_path / "small"
+    small.mkdir()
+    mount_all([Mount("tmpfs", "tmpfs", ("size=3m", "mode=0700"))], small)
+    daemon = None
+    try:
+        daemon = make_daemon(f'[plugins.snapshotter.overlayfs]\nroot_path = "{small}/overlay"\n')
+        failed = ctr(daemon, "images", "pull", "--plain-http", images["gzip"], check=False, namespace="full")
+        assert failed.returncode != 0 and "No space left on device" in failed.stderr, failed.stderr
+        assert "Traceback" not in daemon.log
+        kinds = [line.split()[-1] for line in ctr(daemon, "snapshots", "ls", namespace="full").stdout.splitlines()[1:]]
+        assert kinds and set(kinds) == {"Committed"}  # busybox made it; nothing half-applied is left
+        mount_all([Mount("tmpfs", "tmpfs", ("remount", "size=64m"))], small)
+        pull(daemon, images["gzip"], "full")
+        tree = image_tree(daemon, images["gzip"], tmp_path, "full")
+        assert tree["usr/share/big.bin"].sha256 == hashlib.sha256(BIG).hexdigest()
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        unmount_all(small, detach=True)
