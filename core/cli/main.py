@@ -11,11 +11,11 @@ import os
 import signal
 import sys
 
-from core.cli import content, images, leases, namespaces, plugins, snapshots, version
+from core.cli import containers, content, events, images, leases, namespaces, plugins, snapshots, version
 from core.cli.client import Client, CliError
 from core.config import DEFAULT_ADDRESS
 
-COMMAND_MODULES = (version, plugins, namespaces, content, images, leases, snapshots)
+COMMAND_MODULES = (version, plugins, namespaces, content, images, leases, snapshots, containers, events)
 
 
 def build_parser() -> argparse.ArgumentParser:
