@@ -130,7 +130,9 @@ def metric_pb(metrics: Metrics) -> Any:
     try:
         descriptor = descriptor_pool.Default().FindMessageTypeByName(metrics.type_url.rpartition("/")[2])
     except KeyError:
-        raise FailedPrecondition(f"task {metrics.task_id}: unknown metrics type {metrics.type_url!r}") from None
+        raise NotImplementedByPlugin(
+            f"task {metrics.task_id}: metrics of type {metrics.type_url!r} are unknown"
+        ) from None
     data = json_format.ParseDict(
         dict(metrics.data), message_factory.GetMessageClass(descriptor)(), ignore_unknown_fields=True
     )
@@ -408,9 +410,10 @@ class TasksService:
                 response = pb.MetricsResponse()
                 for task in service.tasks(namespace_of(context), request.filters):
                     try:
-                        response.metrics.append(metric_pb(task.stats()))
+                        stats = task.stats()
                     except (NotFound, FailedPrecondition):  # stopped or deleted meanwhile: no sample
                         continue
+                    response.metrics.append(metric_pb(stats))
                 return response
 
             def Wait(self, request: Any, context: grpc.ServicerContext) -> Any:
