@@ -1,0 +1,698 @@
+"""Per-task shim: drives runc (or crun) for one container and serves newline-delimited JSON on a unix socket.
+
+Run as ``python3 -S -I shim.py --namespace NS --id ID --bundle DIR --socket SOCK --binary runc
+--runc-root ROOT [--log FILE]``. Standalone and stdlib-only (it imports nothing from containerkit) so that
+it starts fast and stays small. The process detaches (double fork; the parent exits 0 once the socket
+listens), writes ``<bundle>/shim.pid``, becomes a child subreaper and reaps every child.
+
+Each request line ``{"method": M, "params": {...}}`` gets one line ``{"result": R}`` or ``{"error":
+{"code": C, "message": TEXT}}``; ``events`` instead streams ``{"topic": ...}`` lines until the client
+closes the connection. Process exits are written to ``<bundle>/exits/<exec_id or init>.json`` (atomically)
+before any waiter is answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+CHUNK = 65536
+EXIT_FIELDS = ("exit_status", "exited_at", "pid")
+
+
+class ShimError(Exception):
+    """A request failure carrying its protocol error ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def timestamp() -> str:
+    """Now as RFC 3339 UTC with nanoseconds."""
+    ns = time.time_ns()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9:09d}Z"
+
+
+def exit_code(status: int) -> int:
+    """A wait status as an exit status: the code, or 128 + the signal."""
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
+
+
+def copy(src: int, dst: int, stop: threading.Event | None = None, close: int = -1) -> None:
+    """Copy ``src`` to ``dst`` until end of file, an error, or ``stop`` is set after a read; then close ``close``."""
+    try:
+        while (data := os.read(src, CHUNK)) and not (stop and stop.is_set()):
+            while data:
+                data = data[os.write(dst, data) :]
+    except OSError:
+        pass
+    if close >= 0:
+        os.close(close)
+
+
+def open_output(path: str) -> int:
+    """An fd writing to ``path``: a FIFO opened O_RDWR (never blocks), else a file appended to
+    (``file://PATH`` too); /dev/null when ``path`` is empty."""
+    if not path:
+        return os.open(os.devnull, os.O_WRONLY)
+    if path.startswith("file://"):
+        path = path[len("file://") :]
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    elif "://" in path:
+        raise ShimError("InvalidArgument", f"unsupported stdio URI {path!r} (FIFO, file path or file:// only)")
+    try:
+        if os.stat(path).st_mode & 0o170000 == 0o010000:
+            return os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        pass
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+
+
+class Process:
+    """The init process (``exec_id`` "") or an exec process, and the fds the shim holds for it."""
+
+    def __init__(self, exec_id: str, stdio: dict[str, Any], spec: dict[str, Any] | None = None) -> None:
+        self.exec_id = exec_id
+        self.stdio = {k: stdio.get(k) or "" for k in ("stdin", "stdout", "stderr")}
+        self.terminal = bool(stdio.get("terminal"))
+        self.spec = spec
+        self.pid = 0
+        self.status = "created"
+        self.exit: dict[str, Any] | None = None
+        self.console = -1
+        self.stdin_fifo = -1
+        self.stdin_stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def state(self) -> dict[str, Any]:
+        """This process in the shape of the ``state`` result."""
+        exit = self.exit or {"exit_status": 0, "exited_at": ""}
+        return {
+            "pid": self.pid,
+            "status": self.status,
+            "exit_status": exit["exit_status"],
+            "exited_at": exit["exited_at"],
+            "stdio": {**self.stdio, "terminal": self.terminal},
+            "terminal": self.terminal,
+        }
+
+    def spawn(self, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def close_stdin(self) -> None:
+        """Stop copying stdin (the process sees end of file unless it has a terminal). Idempotent."""
+        if self.stdin_fifo < 0 or self.stdin_stop.is_set():
+            return
+        self.stdin_stop.set()
+        if os.fstat(self.stdin_fifo).st_mode & 0o170000 != 0o010000:
+            return
+        try:  # wake the copier blocked reading the FIFO; it sees the stop flag and quits
+            fd = os.open(f"/proc/self/fd/{self.stdin_fifo}", os.O_WRONLY | os.O_NONBLOCK)
+            os.write(fd, b"\0")
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Shim:
+    """The state of one task and the handlers of every protocol method."""
+
+    def __init__(self, args: dict[str, str]) -> None:
+        self.id = args["id"]
+        self.bundle = args["bundle"]
+        self.binary = args.get("binary") or "runc"
+        self.root = args.get("runc-root") or ""
+        self.socket_path = args["socket"]
+        self.cond = threading.Condition()
+        self.procs: dict[str, Process] = {}
+        self.unclaimed: dict[int, tuple[int, str, float]] = {}
+        self.watched: dict[int, Process] = {}
+        self.subscribers: list[socket.socket] = []
+        self.cgroup = ""
+        self.oom_kills = 0
+        self.deleted = False
+        self.counter = 0
+        self.epoll = select.epoll()
+        self.cgroup_fd = -1
+
+    # -- children -------------------------------------------------------------------------------------
+
+    def reap_loop(self, wake: int) -> None:
+        """Reap children on every SIGCHLD (woken through ``wake``) and watch memory.events for OOM kills."""
+        self.epoll.register(wake, select.EPOLLIN)
+        while True:
+            for fd, _ in self.epoll.poll():
+                if fd == wake:
+                    os.read(wake, 4096)
+                    self.reap()
+                else:
+                    self.check_oom(fd)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code, at = exit_code(status), timestamp()
+            with self.cond:
+                proc = self.watched.pop(pid, None)
+                if proc is None:
+                    now = time.monotonic()
+                    self.unclaimed = {p: e for p, e in self.unclaimed.items() if now - e[2] < 60}
+                    self.unclaimed[pid] = (code, at, now)
+                    self.cond.notify_all()
+                    continue
+            threading.Thread(target=self.exited, args=(proc, code, at), daemon=True).start()
+
+    def claim(self, proc: Process, pid: int, since: float) -> None:
+        """Watch ``pid`` as ``proc``'s; handle at once an exit reaped after ``since``."""
+        with self.cond:
+            proc.pid = pid
+            early = self.unclaimed.pop(pid, None)
+            if early is None or early[2] < since:
+                self.watched[pid] = proc
+                return
+        self.exited(proc, early[0], early[1])
+
+    def exited(self, proc: Process, code: int, at: str) -> None:
+        """Record ``proc``'s exit durably, then wake its waiters and tell the event subscribers."""
+        proc.close_stdin()
+        for thread in proc.threads:
+            thread.join(2.0)
+        if not any(t.is_alive() for t in proc.threads):
+            for fd in (proc.console, proc.stdin_fifo):
+                if fd >= 0:
+                    os.close(fd)
+            proc.console = proc.stdin_fifo = -1
+        record = {"exit_status": code, "exited_at": at, "pid": proc.pid}
+        directory = os.path.join(self.bundle, "exits")
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"{proc.exec_id or 'init'}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(path + ".tmp", path)
+        dfd = os.open(directory, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+        with self.cond:
+            proc.exit, proc.status = record, "stopped"
+            if not proc.exec_id and self.cgroup_fd >= 0:
+                self.epoll.unregister(self.cgroup_fd)
+            self.cond.notify_all()
+        self.publish({"topic": "/tasks/exit", "container_id": self.id, "id": proc.exec_id or self.id, **record})
+
+    # -- runc -----------------------------------------------------------------------------------------
+
+    def runc(self, *args: str, stdio: tuple[int, int, int] | None = None, capture: bool = False) -> str:
+        """Run ``BINARY --root R --log L --log-format json ARGS`` with ``stdio`` (default /dev/null) and return
+        its standard output if ``capture``. A failure raises InvalidArgument with the runtime's own error."""
+        with self.cond:
+            self.counter += 1
+            log = os.path.join(self.bundle, f".runc-{self.counter}.log")
+        argv = [self.binary, "--root", self.root, "--log", log, "--log-format", "json", *args]
+        null = os.open(os.devnull, os.O_RDWR)
+        fds = list(stdio or (null, null, null))
+        reader = -1
+        if capture:
+            reader, fds[1] = os.pipe()
+        actions = [(os.POSIX_SPAWN_DUP2, fd, n) for n, fd in enumerate(fds)]
+        try:
+            pid = os.posix_spawnp(
+                self.binary,
+                argv,
+                os.environ,
+                file_actions=actions,
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+                setsigmask=(),
+            )
+        except OSError as err:
+            raise ShimError("InvalidArgument", f"cannot run {self.binary}: {err.strerror}") from None
+        finally:
+            os.close(null)
+            if capture:
+                os.close(fds[1])
+        out = b""
+        if capture:
+            with os.fdopen(reader, "rb") as r:
+                out = r.read()
+        with self.cond:
+            while pid not in self.unclaimed:
+                self.cond.wait()
+            code = self.unclaimed.pop(pid)[0]
+        message = ""
+        try:
+            with open(log, "rb") as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        continue
+                    if entry.get("level") == "error":
+                        message = str(entry.get("msg", "")).strip()
+            os.unlink(log)
+        except OSError:
+            pass
+        if code:
+            raise ShimError("InvalidArgument", message or f"{self.binary} {args[0]} exited with status {code}")
+        return out.decode(errors="replace")
+
+    def launch(self, proc: Process, command: list[str]) -> None:
+        """Run runc ``create``/``exec`` for ``proc`` with its stdio (or a terminal) and claim its pid."""
+        outs: list[int] = []
+        stdin = os.open(os.devnull, os.O_RDONLY)
+        stdin_w = -1
+        listener: socket.socket | None = None
+        try:
+            outs = [open_output(proc.stdio["stdout"]), open_output(proc.stdio["stderr"])]
+            path = proc.stdio["stdin"]
+            if path:
+                if path.startswith("file://") or "://" in path:
+                    raise ShimError("InvalidArgument", f"unsupported stdin {path!r} (FIFO or file path only)")
+                os.close(stdin)
+                stdin = os.open(path, os.O_RDWR if os.stat(path).st_mode & 0o170000 == 0o010000 else os.O_RDONLY)
+                if not proc.terminal and os.fstat(stdin).st_mode & 0o170000 == 0o010000:
+                    proc.stdin_fifo = stdin
+                    stdin, stdin_w = os.pipe()
+            pid_file = os.path.join(self.bundle, f"{proc.exec_id or 'init'}.pid")
+            args = [*command, "--pid-file", pid_file]
+            if proc.terminal:
+                with self.cond:
+                    self.counter += 1
+                    console_path = f"{self.socket_path}.c{self.counter}"
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listener.bind(console_path)
+                listener.listen(1)
+                args += ["--console-socket", console_path]
+            since = time.monotonic()
+            self.runc(*args, self.id, stdio=(stdin, outs[0], outs[1]))
+            with open(pid_file) as f:
+                pid = int(f.read().strip())
+            if proc.terminal:
+                listener.settimeout(10)
+                conn, _ = listener.accept()
+                with conn:
+                    _, fds, _, _ = socket.recv_fds(conn, 1024, 1)
+                proc.console = fds[0]
+                out = os.dup(outs[0])
+                proc.spawn(copy, proc.console, out, None, out)
+                if stdin_w < 0 and path:
+                    proc.stdin_fifo, stdin = stdin, -1
+                    proc.spawn(copy, proc.stdin_fifo, proc.console, proc.stdin_stop)
+            elif stdin_w >= 0:
+                proc.spawn(copy, proc.stdin_fifo, stdin_w, proc.stdin_stop, stdin_w)
+                stdin_w = -1
+            self.claim(proc, pid, since)
+        finally:
+            if listener is not None:
+                listener.close()
+                os.unlink(console_path)
+            for fd in (stdin, stdin_w, *outs):
+                if fd >= 0 and fd != proc.stdin_fifo:
+                    os.close(fd)
+
+    # -- events ---------------------------------------------------------------------------------------
+
+    def publish(self, event: dict[str, Any]) -> None:
+        line = (json.dumps(event) + "\n").encode()
+        with self.cond:
+            subscribers = list(self.subscribers)
+        for conn in subscribers:
+            try:
+                conn.sendall(line)
+            except OSError:
+                with self.cond:
+                    if conn in self.subscribers:
+                        self.subscribers.remove(conn)
+
+    def check_oom(self, fd: int) -> None:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            fields = dict(line.split() for line in os.read(fd, 4096).decode().splitlines())
+        except (OSError, ValueError):
+            return
+        kills = int(fields.get("oom_kill", 0))
+        if kills > self.oom_kills:
+            self.oom_kills = kills
+            self.publish({"topic": "/tasks/oom", "container_id": self.id})
+
+    # -- methods --------------------------------------------------------------------------------------
+
+    def process(self, params: dict[str, Any]) -> Process:
+        exec_id = params.get("exec_id") or ""
+        proc = self.procs.get(exec_id)
+        if proc is None:
+            raise ShimError("NotFound", f"process {exec_id or self.id!r} not found")
+        return proc
+
+    def init(self) -> Process:
+        return self.process({})
+
+    def do_create(self, params: dict[str, Any]) -> dict[str, Any]:
+        with self.cond:
+            if "" in self.procs or self.deleted:
+                raise ShimError("AlreadyExists", f"task {self.id} already created")
+            proc = self.procs[""] = Process("", params.get("stdio") or {})
+        try:
+            self.launch(proc, ["create", "--bundle", self.bundle])
+        except BaseException:
+            with self.cond:
+                del self.procs[""]
+            raise
+        try:
+            with open(f"/proc/{proc.pid}/cgroup") as f:
+                self.cgroup = "/sys/fs/cgroup" + f.read().strip().split("::", 1)[1]
+            self.cgroup_fd = os.open(os.path.join(self.cgroup, "memory.events"), os.O_RDONLY)
+            self.epoll.register(self.cgroup_fd, select.EPOLLPRI | select.EPOLLERR)
+        except (OSError, IndexError):
+            pass
+        return {"pid": proc.pid}
+
+    def do_start(self, params: dict[str, Any]) -> dict[str, Any]:
+        proc = self.process(params)
+        init = self.init()
+        with self.cond:
+            if proc.status != "created":
+                raise ShimError(
+                    "FailedPrecondition", f"process {proc.exec_id or self.id} is {proc.status}, not created"
+                )
+            if proc.exec_id and init.status != "running":
+                raise ShimError("FailedPrecondition", f"task {self.id} is {init.status}, not running")
+            proc.status = "starting"
+        try:
+            if proc.exec_id:
+                spec_path = os.path.join(self.bundle, f".exec-{proc.exec_id}.json")
+                with open(spec_path, "w") as f:
+                    json.dump(proc.spec, f)
+                try:
+                    self.launch(proc, ["exec", "--detach", "--process", spec_path])
+                finally:
+                    os.unlink(spec_path)
+            else:
+                self.runc("start", self.id)
+        except BaseException:
+            with self.cond:
+                if proc.status == "starting":
+                    proc.status = "created"
+            raise
+        with self.cond:
+            if proc.status == "starting":
+                proc.status = "running"
+        return {"pid": proc.pid}
+
+    def do_exec(self, params: dict[str, Any]) -> dict[str, Any]:
+        exec_id = params.get("exec_id") or ""
+        spec = params.get("process")
+        if not exec_id or "/" in exec_id or not isinstance(spec, dict):
+            raise ShimError("InvalidArgument", "exec needs an exec_id and a process spec object")
+        stdio = params.get("stdio") or {}
+        with self.cond:
+            if exec_id in self.procs:
+                raise ShimError("AlreadyExists", f"exec process {exec_id!r} already exists")
+            if self.init().status != "running":
+                raise ShimError("FailedPrecondition", f"task {self.id} is not running")
+            self.procs[exec_id] = Process(exec_id, stdio, {**spec, "terminal": bool(stdio.get("terminal"))})
+        return {}
+
+    def do_state(self, params: dict[str, Any]) -> dict[str, Any]:
+        with self.cond:
+            return self.process(params).state()
+
+    def do_wait(self, params: dict[str, Any]) -> dict[str, Any]:
+        proc = self.process(params)
+        with self.cond:
+            while proc.exit is None:
+                self.cond.wait()
+            return {k: proc.exit[k] for k in ("exit_status", "exited_at")}
+
+    def do_kill(self, params: dict[str, Any]) -> dict[str, Any]:
+        proc = self.process(params)
+        sig, all = int(params.get("signal", signal.SIGTERM)), bool(params.get("all"))
+        if proc.exec_id:
+            if proc.exit is not None or not proc.pid:
+                raise ShimError("NotFound", "process already finished")
+            try:
+                os.kill(proc.pid, sig)
+            except ProcessLookupError:
+                raise ShimError("NotFound", "process already finished") from None
+            return {}
+        if proc.exit is not None and not all:
+            raise ShimError("NotFound", "process already finished")
+        try:
+            self.runc("kill", *(["--all"] if all else []), self.id, str(sig))
+        except ShimError as err:
+            text = str(err).lower()
+            if "not running" in text or "no such process" in text or "does not exist" in text:
+                raise ShimError("NotFound", "process already finished") from None
+            raise ShimError("FailedPrecondition", str(err)) from None
+        return {}
+
+    def pause_resume(self, command: str, before: str, after: str) -> dict[str, Any]:
+        init = self.init()
+        with self.cond:
+            if init.status != before:
+                raise ShimError("FailedPrecondition", f"task {self.id} is {init.status}, not {before}")
+        self.fail_as("FailedPrecondition", command, self.id)
+        with self.cond:
+            if init.status == before:
+                init.status = after
+        return {}
+
+    def fail_as(self, code: str, *args: str, capture: bool = False) -> str:
+        try:
+            return self.runc(*args, capture=capture)
+        except ShimError as err:
+            raise ShimError(code, str(err)) from None
+
+    def do_pause(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self.pause_resume("pause", "running", "paused")
+
+    def do_resume(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self.pause_resume("resume", "paused", "running")
+
+    def do_pids(self, params: dict[str, Any]) -> dict[str, Any]:
+        if self.init().exit is not None:
+            return {"pids": []}
+        pids = json.loads(self.fail_as("FailedPrecondition", "ps", "--format", "json", self.id, capture=True) or "[]")
+        with self.cond:
+            execs = {p.pid: p.exec_id for p in self.procs.values() if p.exec_id and p.exit is None}
+        return {"pids": [{"pid": pid, "exec_id": execs.get(pid, "")} for pid in pids or ()]}
+
+    def do_resize(self, params: dict[str, Any]) -> dict[str, Any]:
+        import fcntl
+        import struct
+        import termios
+
+        proc = self.process(params)
+        if proc.console < 0:
+            raise ShimError("FailedPrecondition", f"process {proc.exec_id or self.id} has no terminal")
+        size = struct.pack("HHHH", int(params.get("height") or 0), int(params.get("width") or 0), 0, 0)
+        fcntl.ioctl(proc.console, termios.TIOCSWINSZ, size)
+        return {}
+
+    def do_close_io(self, params: dict[str, Any]) -> dict[str, Any]:
+        self.process(params).close_stdin()
+        return {}
+
+    def running_init(self) -> Process:
+        init = self.init()
+        if init.exit is not None or init.status == "created":
+            raise ShimError("FailedPrecondition", f"task {self.id} is {init.status}")
+        return init
+
+    def do_update(self, params: dict[str, Any]) -> dict[str, Any]:
+        self.running_init()
+        path = os.path.join(self.bundle, ".resources.json")
+        with open(path, "w") as f:
+            json.dump(params.get("resources") or {}, f)
+        try:
+            self.runc("update", "--resources", path, self.id)
+        finally:
+            os.unlink(path)
+        return {}
+
+    def do_stats(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The cgroup v2 statistics, shaped as the ``data`` of ``runc events --stats`` (crun has no events)."""
+        self.running_init()
+
+        def read(name: str) -> str:
+            try:
+                with open(os.path.join(self.cgroup, name)) as f:
+                    return f.read().strip()
+            except OSError:
+                return ""
+
+        def table(name: str) -> dict[str, int]:
+            return {k: int(v) for k, v in (line.split() for line in read(name).splitlines())}
+
+        def number(name: str) -> int:
+            value = read(name)
+            return 2**64 - 1 if value == "max" else int(value or 0)
+
+        cpu, memory = table("cpu.stat"), table("memory.stat")
+        return {
+            "cpu": {
+                "usage": {
+                    "total": cpu.get("usage_usec", 0) * 1000,
+                    "kernel": cpu.get("system_usec", 0) * 1000,
+                    "user": cpu.get("user_usec", 0) * 1000,
+                },
+                "throttling": {
+                    "periods": cpu.get("nr_periods", 0),
+                    "throttled_periods": cpu.get("nr_throttled", 0),
+                    "throttled_time": cpu.get("throttled_usec", 0) * 1000,
+                },
+            },
+            "memory": {
+                "cache": memory.get("file", 0),
+                "usage": {
+                    "usage": number("memory.current"),
+                    "limit": number("memory.max"),
+                    "failcnt": table("memory.events").get("max", 0),
+                },
+                "swap": {"usage": number("memory.swap.current"), "limit": number("memory.swap.max")},
+                "raw": memory,
+            },
+            "pids": {"current": number("pids.current"), "limit": number("pids.max")},
+        }
+
+    def do_delete(self, params: dict[str, Any]) -> dict[str, Any]:
+        proc = self.process(params)
+        with self.cond:
+            if proc.status in ("running", "paused", "starting"):
+                raise ShimError("FailedPrecondition", f"process {proc.exec_id or self.id} is {proc.status}")
+            if not proc.exec_id and any(
+                p.exit is None and p.status != "created" for p in self.procs.values() if p.exec_id
+            ):
+                raise ShimError("FailedPrecondition", f"task {self.id} still has running exec processes")
+        if not proc.exec_id:
+            self.fail_as("FailedPrecondition", "delete", "--force", self.id)
+            with self.cond:
+                deadline = time.monotonic() + 5
+                while proc.pid and proc.exit is None and self.cond.wait(max(0, deadline - time.monotonic())):
+                    pass
+        with self.cond:
+            del self.procs[proc.exec_id]
+            if not proc.exec_id:
+                self.deleted = True
+                self.procs.clear()
+                if self.cgroup_fd >= 0:
+                    os.close(self.cgroup_fd)
+                    self.cgroup_fd = -1
+            exit = proc.exit or {"exit_status": 0, "exited_at": ""}
+        return {"exit_status": exit["exit_status"], "exited_at": exit["exited_at"], "pid": proc.pid}
+
+    def do_ping(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"pid": os.getpid()}
+
+    # -- serving --------------------------------------------------------------------------------------
+
+    def serve(self, conn: socket.socket) -> None:
+        """Answer the requests of one connection, one line each, until it closes or asks for events."""
+        with conn, conn.makefile("rb") as lines:
+            for line in lines:
+                method = ""
+                try:
+                    request = json.loads(line)
+                    method = request.get("method", "")
+                    params = request.get("params") or {}
+                    if method == "events":
+                        with self.cond:
+                            self.subscribers.append(conn)
+                        lines.read()  # until the client closes
+                        with self.cond:
+                            self.subscribers.remove(conn)
+                        return
+                    if method == "shutdown":
+                        conn.sendall(b'{"result": {}}\n')
+                        if self.deleted or "" not in self.procs:
+                            self.exit_now()
+                        continue
+                    handler = getattr(self, f"do_{method}", None)
+                    if handler is None:
+                        raise ShimError("InvalidArgument", f"unknown method {method!r}")
+                    response: dict[str, Any] = {"result": handler(params)}
+                except ShimError as err:
+                    response = {"error": {"code": err.code, "message": str(err)}}
+                except (ValueError, TypeError, AttributeError) as err:
+                    response = {"error": {"code": "InvalidArgument", "message": f"bad {method or 'request'}: {err}"}}
+                except Exception as err:
+                    response = {"error": {"code": "Internal", "message": f"{method}: {err!r}"}}
+                try:
+                    conn.sendall((json.dumps(response) + "\n").encode())
+                except OSError:
+                    return
+
+    def exit_now(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.socket_path)
+        os._exit(0)
+
+    def run(self, ready: int) -> None:
+        """Serve forever; write one byte to ``ready`` once the socket listens."""
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        except (OSError, AttributeError):
+            pass
+        threading.Thread(target=self.reap_loop, args=(wake_r,), daemon=True).start()
+        with open(os.path.join(self.bundle, "shim.pid"), "w") as f:
+            f.write(str(os.getpid()))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        server.bind(self.socket_path)
+        os.umask(old)
+        server.listen(128)
+        os.write(ready, b"1")
+        os.close(ready)
+        while True:
+            conn, _ = server.accept()
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+
+def main(argv: list[str]) -> None:
+    """Parse ``--key value`` arguments, detach, and serve."""
+    args = {argv[i][2:]: argv[i + 1] for i in range(0, len(argv) - 1, 2) if argv[i].startswith("--")}
+    missing = [k for k in ("id", "bundle", "socket") if not args.get(k)]
+    if missing:
+        sys.exit(f"shim: missing --{' --'.join(missing)}")
+    if args.get("log"):
+        fd = os.open(args["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        os.dup2(fd, 2)
+        os.close(fd)
+    os.chdir(args["bundle"])
+    ready_r, ready_w = os.pipe()
+    if os.fork():
+        os.close(ready_w)
+        ok = os.read(ready_r, 1)
+        os._exit(0 if ok else 1)
+    os.close(ready_r)
+    with contextlib.suppress(OSError):
+        os.setsid()
+    Shim(args).run(ready_w)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
