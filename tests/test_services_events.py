@@ -1,10 +1,12 @@
 """The content, images and leases services in-process: the events they publish, the collections they
-ask for, and the GC kinds they contribute (a real gRPC server and stores, a recording exchange and GC)."""
+ask for, and the GC kinds they contribute (a real gRPC server and stores, a recording exchange and GC);
+and the events service over a real exchange: Subscribe with filters, Publish, Forward."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -12,17 +14,23 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import any_pb2
 
+from core.api.containerd.events import container_pb2 as container_events
 from core.api.containerd.events import content_pb2 as content_events
 from core.api.containerd.events import image_pb2 as image_events
 from core.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
+from core.api.containerd.services.events.v1 import events_pb2, events_pb2_grpc
 from core.api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
 from core.api.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
 from core.api.containerd.types import descriptor_pb2
 from core.digest import Digest
+from core.events import Exchange
+from core.hookspecs import hookimpl, new_plugin_manager
 from core.metadata import ContentMetadata, ImageStore, LeaseStore, MetadataStore
 from core.server import ErrorMapping
 from core.services.content import ContentService
+from core.services.events import EventsService
 from core.services.images import ImagesService
 from core.services.leases import LeasesService
 from plugins.content_local import LocalContentStore
@@ -134,3 +142,158 @@ def test_services_contribute_their_gc_kinds(served: Any) -> None:
     _, _, services = served
     types = {name: [kind.types for kind in service.containerkit_gc_kinds()] for name, service in services.items()}
     assert types == {"content": [("content", "ingest")], "images": [("image",)], "leases": [("lease",)]}
+
+
+# -- the events service: Subscribe, Publish and Forward over the real exchange ---------------------
+
+
+class Observer:
+    """A ``containerkit_event`` observer recording what the exchange hands it."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, Any]] = []
+
+    @hookimpl
+    def containerkit_event(self, namespace: str, topic: str, event: Any) -> None:
+        self.seen.append((namespace, topic, event))
+
+
+@pytest.fixture
+def exchanged() -> Iterator[tuple[Any, Exchange, Observer, EventsService]]:
+    """The events service on a real exchange (with an observer), served on a private socket."""
+    directory = Path(tempfile.mkdtemp(prefix="ck-ev-", dir="/tmp"))
+    hooks, observer = new_plugin_manager(), Observer()
+    hooks.register(observer)
+    exchange = Exchange(hooks)
+    service = EventsService(exchange)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[ErrorMapping()])
+    service.register(server)
+    server.add_insecure_port(f"unix:{directory / 'sock'}")
+    server.start()
+    channel = grpc.insecure_channel(f"unix:{directory / 'sock'}")
+    try:
+        yield events_pb2_grpc.EventsStub(channel), exchange, observer, service
+    finally:
+        service.stopping()
+        channel.close()
+        server.stop(None).wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def subscribed(stub: Any, *filters: str) -> Any:
+    """A Subscribe stream that is live: everything published from now on reaches it."""
+    stream = stub.Subscribe(events_pb2.SubscribeRequest(filters=list(filters)))
+    stream.initial_metadata()  # sent once the subscription exists
+    return stream
+
+
+def test_subscribers_see_what_services_publish_typed_as_containerd_names_it(exchanged: Any) -> None:
+    stub, exchange, _, _ = exchanged
+    stream = subscribed(stub)
+    before = time.time()
+    exchange.publish("default", "/images/create", image_events.ImageCreate(name="a", labels={"k": "v"}))
+    exchange.publish("other", "/containers/delete", container_events.ContainerDelete(id="c1"))
+    first, second = next(stream), next(stream)
+    stream.cancel()
+    assert (first.namespace, first.topic, first.event.type_url) == (
+        "default",
+        "/images/create",
+        "containerd.services.images.v1.ImageCreate",
+    )
+    assert image_events.ImageCreate.FromString(first.event.value) == image_events.ImageCreate(
+        name="a", labels={"k": "v"}
+    )
+    assert abs(first.timestamp.ToNanoseconds() / 1e9 - before) < 5
+    assert (second.namespace, second.topic, second.event.type_url) == (
+        "other",
+        "/containers/delete",
+        "containerd.events.ContainerDelete",
+    )
+
+
+def test_subscribe_filters_on_namespace_topic_and_event_fields(exchanged: Any) -> None:
+    stub, exchange, _, _ = exchanged
+    runtime = container_events.ContainerCreate.Runtime(name="io.containerd.runc.v2")
+    create = container_events.ContainerCreate(id="c1", image="busybox", runtime=runtime)
+    cases = {
+        "namespace==two": ("two", "/containers/delete", container_events.ContainerDelete(id="x")),
+        'topic~="^/images/"': ("one", "/images/delete", image_events.ImageDelete(name="img")),
+        "event.id==c1": ("one", "/containers/create", create),
+        "event.runtime.name==io.containerd.runc.v2": ("one", "/containers/create", create),
+        "event.labels.tier==db": ("one", "/images/update", image_events.ImageUpdate(name="i", labels={"tier": "db"})),
+    }
+    for filter_, (namespace, topic, event) in cases.items():
+        stream = subscribed(stub, filter_)
+        exchange.publish("one", "/containers/delete", container_events.ContainerDelete(id="other"))  # never matches
+        exchange.publish(namespace, topic, event)
+        received = next(stream)
+        stream.cancel()
+        assert (received.namespace, received.topic, received.event.value) == (
+            namespace,
+            topic,
+            event.SerializeToString(),
+        ), filter_
+    with pytest.raises(grpc.RpcError) as raised:
+        next(stub.Subscribe(events_pb2.SubscribeRequest(filters=["topic=="])))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_publish_decodes_known_events_for_observers_and_passes_unknown_ones_through(exchanged: Any) -> None:
+    stub, _, observer, _ = exchanged
+    stream = subscribed(stub, "namespace==default")
+    known = any_pb2.Any(type_url="containerd.events.ContainerDelete", value=b"\n\x02c1")
+    unknown = any_pb2.Any(type_url="types.example.com/x.Unknown", value=b"\x01\x02")
+    stub.Publish(events_pb2.PublishRequest(topic="/containers/delete", event=known), metadata=DEFAULT)
+    stub.Publish(events_pb2.PublishRequest(topic="/x/y-z", event=unknown), metadata=DEFAULT)
+    received = [next(stream), next(stream)]
+    stream.cancel()
+    assert [(e.topic, e.event) for e in received] == [("/containers/delete", known), ("/x/y-z", unknown)]
+    assert observer.seen == [
+        ("default", "/containers/delete", container_events.ContainerDelete(id="c1")),
+        ("default", "/x/y-z", unknown),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("topic", "message"),
+    [
+        ("", 'envelope topic "": must not be empty: invalid argument'),
+        ("tasks", "envelope topic \"tasks\": must start with '/': invalid argument"),
+        ("/", 'envelope topic "/": must have at least one component: invalid argument'),
+        ("/a//b", 'envelope topic "/a//b": failed validation on component "": identifier must not be empty'),
+    ],
+)
+def test_publish_validates_the_topic_as_containerd(exchanged: Any, topic: str, message: str) -> None:
+    stub, _, observer, _ = exchanged
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Publish(events_pb2.PublishRequest(topic=topic, event=any_pb2.Any()), metadata=DEFAULT)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith(message)
+    assert observer.seen == []
+
+
+def test_forward_dispatches_the_envelope_under_its_namespace_and_topic(exchanged: Any) -> None:
+    stub, _, observer, _ = exchanged
+    envelope = events_pb2.Envelope(
+        namespace="elsewhere",
+        topic="/containers/delete",
+        event=any_pb2.Any(type_url="containerd.events.ContainerDelete", value=b"\n\x02c9"),
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Forward(events_pb2.ForwardRequest(envelope=envelope))
+    assert raised.value.details() == "timestamp must be set on forwarded event: invalid argument"
+    envelope.timestamp.GetCurrentTime()
+    stub.Forward(events_pb2.ForwardRequest(envelope=envelope))
+    assert observer.seen == [("elsewhere", "/containers/delete", container_events.ContainerDelete(id="c9"))]
+    envelope.namespace = "not valid"
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Forward(events_pb2.ForwardRequest(envelope=envelope))
+    assert raised.value.details().startswith('event envelope has invalid namespace: identifier "not valid" must match')
+
+
+def test_stopping_ends_every_subscription(exchanged: Any) -> None:
+    stub, exchange, _, service = exchanged
+    streams = [subscribed(stub), subscribed(stub, "namespace==x")]
+    service.stopping()
+    assert [list(stream) for stream in streams] == [[], []]
+    exchange.publish("x", "/containers/delete", container_events.ContainerDelete(id="late"))  # no one left
