@@ -172,12 +172,14 @@ def make_shim(base_spec: dict[str, Any]) -> Iterator[Any]:
     shims: list[Shim] = []
     dirs: list[str] = []
 
-    def make(*args: str, binary: str = "runc", terminal: bool = False) -> Shim:
+    def make(*args: str, binary: str = "runc", terminal: bool = False, memory: int = 0) -> Shim:
         base = Path(tempfile.mkdtemp(prefix="ck-shim-", dir="/tmp"))
         dirs.append(str(base))
         spec = json.loads(json.dumps(base_spec))
         spec["process"]["args"] = list(args)
         spec["process"]["terminal"] = terminal
+        if memory:
+            spec["linux"]["resources"]["memory"] = {"limit": memory}
         shim = Shim(base, spec, binary)
         shims.append(shim)
         return shim
@@ -330,6 +332,18 @@ def test_kill_all_pause_resume_pids_stats_update(make_shim: Any) -> None:
     events.close()
     assert (event["topic"], event["container_id"], event["exit_status"]) == ("/tasks/exit", shim.id, 137)
     assert shim.call("pids") == {"pids": []}
+
+
+def test_oom_event(make_shim: Any) -> None:
+    shim = make_shim("sh", "-c", "head -c 200000000 /dev/zero | tail", memory=16 << 20)
+    shim.call("create", stdio={})
+    events = Conn(shim.socket)
+    events.send("events")
+    shim.call("start")
+    assert shim.call("wait")["exit_status"] != 0
+    topics = [events.line()["topic"], events.line()["topic"]]
+    events.close()
+    assert topics == ["/tasks/oom", "/tasks/exit"]
 
 
 def test_terminal(make_shim: Any) -> None:

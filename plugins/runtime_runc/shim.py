@@ -78,6 +78,99 @@ def open_output(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
 
 
+def cgroup_dirs(pid: int) -> dict[str, str]:
+    """The directories of ``pid``'s cgroups: v1 controller name -> directory, "" -> its cgroup2 directory."""
+    mounts: dict[str, tuple[str, str]] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            kind, options = fields[fields.index("-") + 1], fields[fields.index("-") + 3]
+            if kind == "cgroup2":
+                mounts[""] = (fields[3], fields[4])
+            elif kind == "cgroup":
+                mounts.update(dict.fromkeys(options.split(","), (fields[3], fields[4])))
+    dirs = {}
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for name in controllers.split(",") if controllers else [""]:
+                if name in mounts:
+                    root, point = mounts[name]
+                    dirs[name] = point + (path[len(root) :] if root != "/" and path.startswith(root) else path)
+    return dirs
+
+
+def cgroup_read(directory: str | None, name: str) -> str:
+    """The stripped content of a cgroup file, "" when it (or the controller) is missing."""
+    try:
+        with open(os.path.join(directory or "/nonexistent", name)) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def cgroup_table(directory: str | None, name: str) -> dict[str, int]:
+    """A flat-keyed cgroup file (``key value`` lines) as a dict."""
+    return {k: int(v) for k, v in (line.split() for line in cgroup_read(directory, name).splitlines())}
+
+
+def cgroup_number(directory: str | None, name: str) -> int:
+    """A single-value cgroup file; "max" and absurd v1 "no limit" values as 2**64 - 1."""
+    value = cgroup_read(directory, name)
+    return 2**64 - 1 if value == "max" else int(value or 0)
+
+
+def cgroup_stats(dirs: dict[str, str]) -> dict[str, Any]:
+    """cpu, memory and pids statistics of the cgroups ``dirs`` in runc's ``events --stats`` shape."""
+    if "memory" not in dirs and "" in dirs:
+        unified = dirs[""]
+        cpu, memory = cgroup_table(unified, "cpu.stat"), cgroup_table(unified, "memory.stat")
+        usage = {"total": cpu.get("usage_usec", 0) * 1000, "kernel": cpu.get("system_usec", 0) * 1000}
+        usage["user"] = cpu.get("user_usec", 0) * 1000
+        throttled = cpu.get("throttled_usec", 0) * 1000
+        mem = {
+            "usage": cgroup_number(unified, "memory.current"),
+            "limit": cgroup_number(unified, "memory.max"),
+            "failcnt": cgroup_table(unified, "memory.events").get("max", 0),
+        }
+        swap = {
+            "usage": cgroup_number(unified, "memory.swap.current"),
+            "limit": cgroup_number(unified, "memory.swap.max"),
+        }
+        cache, pids = memory.get("file", 0), unified
+    else:
+        acct, memory_dir = dirs.get("cpuacct"), dirs.get("memory")
+        cpu, memory = cgroup_table(dirs.get("cpu"), "cpu.stat"), cgroup_table(memory_dir, "memory.stat")
+        ticks = cgroup_table(acct, "cpuacct.stat")  # USER_HZ (100) ticks
+        usage = {"total": cgroup_number(acct, "cpuacct.usage"), "kernel": ticks.get("system", 0) * 10**7}
+        usage["user"] = ticks.get("user", 0) * 10**7
+        usage["percpu"] = [int(v) for v in cgroup_read(acct, "cpuacct.usage_percpu").split()]
+        throttled = cpu.get("throttled_time", 0)
+
+        def entry(prefix: str) -> dict[str, int]:
+            names = {
+                "usage": "usage_in_bytes",
+                "max": "max_usage_in_bytes",
+                "limit": "limit_in_bytes",
+                "failcnt": "failcnt",
+            }
+            return {k: cgroup_number(memory_dir, f"{prefix}.{v}") for k, v in names.items()}
+
+        mem, swap, cache, pids = entry("memory"), entry("memory.memsw"), memory.get("cache", 0), dirs.get("pids")
+    return {
+        "cpu": {
+            "usage": usage,
+            "throttling": {
+                "periods": cpu.get("nr_periods", 0),
+                "throttled_periods": cpu.get("nr_throttled", 0),
+                "throttled_time": throttled,
+            },
+        },
+        "memory": {"cache": cache, "usage": mem, "swap": swap, "raw": memory},
+        "pids": {"current": cgroup_number(pids, "pids.current"), "limit": cgroup_number(pids, "pids.max")},
+    }
+
+
 class Process:
     """The init process (``exec_id`` "") or an exec process, and the fds the shim holds for it."""
 
@@ -140,12 +233,12 @@ class Shim:
         self.unclaimed: dict[int, tuple[int, str, float]] = {}
         self.watched: dict[int, Process] = {}
         self.subscribers: list[socket.socket] = []
-        self.cgroup = ""
+        self.cgroups: dict[str, str] = {}
         self.oom_kills = 0
         self.deleted = False
         self.counter = 0
         self.epoll = select.epoll()
-        self.cgroup_fd = -1
+        self.oom_fds = (-1, -1)
 
     # -- children -------------------------------------------------------------------------------------
 
@@ -213,8 +306,8 @@ class Shim:
         os.close(dfd)
         with self.cond:
             proc.exit, proc.status = record, "stopped"
-            if not proc.exec_id and self.cgroup_fd >= 0:
-                self.epoll.unregister(self.cgroup_fd)
+            if not proc.exec_id and self.oom_fds[0] >= 0:
+                self.epoll.unregister(self.oom_fds[0])
             self.cond.notify_all()
         self.publish({"topic": "/tasks/exit", "container_id": self.id, "id": proc.exec_id or self.id, **record})
 
@@ -341,10 +434,31 @@ class Shim:
                     if conn in self.subscribers:
                         self.subscribers.remove(conn)
 
-    def check_oom(self, fd: int) -> None:
+    def watch_oom(self) -> None:
+        """Get woken by the kernel on OOM kills in the task's memory cgroup: cgroup2 ``memory.events``
+        polls with POLLPRI on change; v1 ``memory.oom_control`` signals an eventfd registered in
+        ``cgroup.event_control``."""
         try:
-            os.lseek(fd, 0, os.SEEK_SET)
-            fields = dict(line.split() for line in os.read(fd, 4096).decode().splitlines())
+            if "memory" in self.cgroups:
+                counter = os.open(os.path.join(self.cgroups["memory"], "memory.oom_control"), os.O_RDONLY)
+                event = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                with open(os.path.join(self.cgroups["memory"], "cgroup.event_control"), "w") as f:
+                    f.write(f"{event} {counter}")
+                self.epoll.register(event, select.EPOLLIN)
+            else:
+                counter = event = os.open(os.path.join(self.cgroups[""], "memory.events"), os.O_RDONLY)
+                self.epoll.register(event, select.EPOLLPRI | select.EPOLLERR)
+        except (OSError, KeyError):
+            return
+        self.oom_fds = (event, counter)
+
+    def check_oom(self, fd: int) -> None:
+        event, counter = self.oom_fds
+        try:
+            if event != counter:
+                os.read(event, 8)
+            os.lseek(counter, 0, os.SEEK_SET)
+            fields = dict(line.split() for line in os.read(counter, 4096).decode().splitlines())
         except (OSError, ValueError):
             return
         kills = int(fields.get("oom_kill", 0))
@@ -375,13 +489,9 @@ class Shim:
             with self.cond:
                 del self.procs[""]
             raise
-        try:
-            with open(f"/proc/{proc.pid}/cgroup") as f:
-                self.cgroup = "/sys/fs/cgroup" + f.read().strip().split("::", 1)[1]
-            self.cgroup_fd = os.open(os.path.join(self.cgroup, "memory.events"), os.O_RDONLY)
-            self.epoll.register(self.cgroup_fd, select.EPOLLPRI | select.EPOLLERR)
-        except (OSError, IndexError):
-            pass
+        with contextlib.suppress(OSError, ValueError):
+            self.cgroups = cgroup_dirs(proc.pid)
+        self.watch_oom()
         return {"pid": proc.pid}
 
     def do_start(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -528,49 +638,10 @@ class Shim:
         return {}
 
     def do_stats(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The cgroup v2 statistics, shaped as the ``data`` of ``runc events --stats`` (crun has no events)."""
+        """The task's cgroup statistics shaped as the ``data`` of ``runc events --stats`` (crun has no
+        ``events``, so the shim reads the cgroup files itself, v1 or v2)."""
         self.running_init()
-
-        def read(name: str) -> str:
-            try:
-                with open(os.path.join(self.cgroup, name)) as f:
-                    return f.read().strip()
-            except OSError:
-                return ""
-
-        def table(name: str) -> dict[str, int]:
-            return {k: int(v) for k, v in (line.split() for line in read(name).splitlines())}
-
-        def number(name: str) -> int:
-            value = read(name)
-            return 2**64 - 1 if value == "max" else int(value or 0)
-
-        cpu, memory = table("cpu.stat"), table("memory.stat")
-        return {
-            "cpu": {
-                "usage": {
-                    "total": cpu.get("usage_usec", 0) * 1000,
-                    "kernel": cpu.get("system_usec", 0) * 1000,
-                    "user": cpu.get("user_usec", 0) * 1000,
-                },
-                "throttling": {
-                    "periods": cpu.get("nr_periods", 0),
-                    "throttled_periods": cpu.get("nr_throttled", 0),
-                    "throttled_time": cpu.get("throttled_usec", 0) * 1000,
-                },
-            },
-            "memory": {
-                "cache": memory.get("file", 0),
-                "usage": {
-                    "usage": number("memory.current"),
-                    "limit": number("memory.max"),
-                    "failcnt": table("memory.events").get("max", 0),
-                },
-                "swap": {"usage": number("memory.swap.current"), "limit": number("memory.swap.max")},
-                "raw": memory,
-            },
-            "pids": {"current": number("pids.current"), "limit": number("pids.max")},
-        }
+        return cgroup_stats(self.cgroups)
 
     def do_delete(self, params: dict[str, Any]) -> dict[str, Any]:
         proc = self.process(params)
@@ -592,9 +663,9 @@ class Shim:
             if not proc.exec_id:
                 self.deleted = True
                 self.procs.clear()
-                if self.cgroup_fd >= 0:
-                    os.close(self.cgroup_fd)
-                    self.cgroup_fd = -1
+                for fd in set(self.oom_fds) - {-1}:
+                    os.close(fd)
+                self.oom_fds = (-1, -1)
             exit = proc.exit or {"exit_status": 0, "exited_at": ""}
         return {"exit_status": exit["exit_status"], "exited_at": exit["exited_at"], "pid": proc.pid}
 
