@@ -15,6 +15,7 @@ one that does not answer in time raises plain :class:`~core.errors.Unavailable`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -102,9 +103,10 @@ class _Connection:
         self.sock.close()
 
 
-def connect(path: str, method: str, timeout: float) -> _Connection:
+def connect(path: str | os.PathLike[str], method: str, timeout: float) -> _Connection:
     """A new connection to the shim at ``path`` (for ``method``, named in errors): :class:`ShimGone`
     when nothing listens there, :class:`Unavailable` when it does not accept within ``timeout``."""
+    path = os.fspath(path)
     try:
         return _Connection(path, timeout)
     except TimeoutError:
@@ -209,7 +211,7 @@ class Watcher:
 
     def watch(
         self,
-        path: str,
+        path: str | os.PathLike[str],
         method: str,
         params: Mapping[str, Any],
         on_line: LineHandler,
@@ -315,9 +317,12 @@ def spawn_shim(command: Sequence[str], cwd: Path, socket_path: Path, log_path: P
         if socket_path.exists():
             try:
                 _Connection(str(socket_path), 1.0).close()
-                return
             except OSError:
                 pass
+            else:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(0.5)  # reap the launcher when the shim forked into the background
+                return
         code = process.poll()
         if code:  # 0: it may have forked into the background; keep waiting for the socket
             raise ShimError(f"shim exited with status {code} before serving: {_tail(log_path)}")
