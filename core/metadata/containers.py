@@ -176,11 +176,15 @@ class ContainerStore:
         """The containers of ``namespace`` matching any of ``filters``, sorted by id.
 
         Fields: ``id``, ``image``, ``runtime.name``, ``snapshotter``, ``labels.<key>``.
-        InvalidArgument for a malformed filter.
+        InvalidArgument for a malformed filter (worded as containerd's).
         """
         from core import filters as filter_language
 
-        matches = filter_language.parse(list(filters))
+        try:
+            matches = filter_language.parse(list(filters))
+        except InvalidArgument as err:
+            # containerd's parse error ends with the code's text, and its store wraps it with it again
+            raise InvalidArgument(f"{err}: invalid argument: invalid argument") from None
         with self._store.read() as conn:
             containers = _read_all(conn, namespace)
         return [c for c in containers if matches(_fields(c))]
