@@ -12,8 +12,8 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import pytest
@@ -120,15 +120,11 @@ def test_a_namespace_holding_containers_cannot_be_removed(containerkitd: Any, bu
 
 
 class EventWatch:
-    """``ctr events`` running against a daemon; its lines as they come (stopped by pid)."""
+    """An events client (``ctr events``, ``ckctl events``) running as ``argv``; its lines as they come."""
 
-    def __init__(self, daemon: Any, *filters: str) -> None:
+    def __init__(self, argv: Sequence[str]) -> None:
         self._process = subprocess.Popen(
-            [CTR, "-a", str(daemon.address), "events", *filters],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-            text=True,
+            list(argv), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True
         )
         self._lines: queue.Queue[str] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -140,33 +136,37 @@ class EventWatch:
             self._lines.put(line.rstrip("\n"))
 
     def next(self, timeout: float = EVENT_TIMEOUT) -> str:
+        """The next line; queue.Empty after ``timeout`` seconds without one."""
         return self._lines.get(timeout=timeout)
 
+    def drain(self, quiet: float = 0.3) -> None:
+        """Forget the lines that come until none has come for ``quiet`` seconds."""
+        with suppress(queue.Empty):
+            while True:
+                self.next(timeout=quiet)
+
     def stop(self) -> None:
+        """Terminate the client by pid and wait for it."""
         self._process.terminate()
         self._process.wait(10)
         self._reader.join(10)
 
 
 @contextmanager
-def watching(daemon: Any, namespace: str) -> Iterator[EventWatch]:
-    """``ctr events namespace==NS`` once it receives events (probed with namespace label events)."""
-    watch = EventWatch(daemon, f"namespace=={namespace}")
+def watching(argv: Sequence[str], probe: Callable[[], object]) -> Iterator[EventWatch]:
+    """An :class:`EventWatch` of ``argv`` once it receives events: ``probe()`` (which must publish
+    one it shows) is repeated until a line comes; the probes' lines are then drained."""
+    watch = EventWatch(argv)
     try:
         deadline = time.monotonic() + EVENT_TIMEOUT
         while True:
-            ctr(daemon, "namespaces", "label", namespace, "probe=1", namespace=namespace)
+            probe()
             try:
                 watch.next(timeout=0.2)
                 break
             except queue.Empty:
-                assert time.monotonic() < deadline, "ctr events never received anything"
-        time.sleep(0.3)  # let the probes still in flight arrive, then forget them
-        while True:
-            try:
-                watch.next(timeout=0.2)
-            except queue.Empty:
-                break
+                assert time.monotonic() < deadline, "the events client never received anything"
+        watch.drain()
         yield watch
     finally:
         watch.stop()
@@ -175,7 +175,8 @@ def watching(daemon: Any, namespace: str) -> Iterator[EventWatch]:
 def event_lines(daemon: Any, ref: str, namespace: str) -> list[str]:
     """What ``ctr events`` shows (namespace, topic, event JSON) for a container's create, label and rm."""
     pulled(daemon, ref, namespace)
-    with watching(daemon, namespace) as watch:
+    argv = [CTR, "-a", str(daemon.address), "events", f"namespace=={namespace}"]
+    with watching(argv, lambda: ctr(daemon, "namespaces", "label", namespace, "probe=1", namespace=namespace)) as watch:
         ctr(daemon, "containers", "create", ref, "evented", namespace=namespace)
         ctr(daemon, "containers", "label", "evented", "k=v", namespace=namespace)
         ctr(daemon, "containers", "rm", "evented", namespace=namespace)
