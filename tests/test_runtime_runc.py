@@ -38,9 +38,14 @@ from plugins.runtime_runc.runtime import SHIM, metrics_from_runc
 Handler = Callable[[dict[str, Any]], Any]
 
 
+class Lines(list):  # type: ignore[type-arg]
+    """A handler's answer sent as raw lines (an ``events`` stream), the connection then held open."""
+
+
 class FakeShim:
     """A unix socket server speaking the shim protocol; ``handlers[method](params)`` returns the result,
-    raises ``KeyError(code)`` for an error line, or returns ``HANG``/``DROP`` to stall or close."""
+    raises ``KeyError(code)`` for an error line, returns ``HANG``/``DROP`` to stall or close, or
+    :class:`Lines` to stream."""
 
     HANG = object()
     DROP = object()
@@ -73,7 +78,9 @@ class FakeShim:
                 except KeyError as err:
                     conn.sendall(json.dumps({"error": {"code": err.args[0], "message": "boom"}}).encode() + b"\n")
                     continue
-                if result is self.HANG:
+                if isinstance(result, Lines):
+                    conn.sendall(b"".join(json.dumps(line).encode() + b"\n" for line in result))
+                if result is self.HANG or isinstance(result, Lines):
                     self.release.wait()
                     return
                 if result is self.DROP:
@@ -186,6 +193,69 @@ def test_watcher_lines_close_and_shutdown(fake: Any) -> None:
     watcher.close()  # drops the hanging request without calling anything
     assert not closed.is_set()
     watcher.close()
+
+
+def test_restore_adopts_a_live_shim_and_publishes_its_events(fake: Any, sockdir: Path) -> None:
+    """restore() against an in-test shim: processes found through state/pids/exit records, a wait held
+    per running process, TaskOOM from the events stream, TaskExit when a wait returns."""
+    hooks = new_plugin_manager()
+    events = Exchange(hooks)
+    subscription = events.subscribe()
+    runtime = RuncRuntime(sockdir / "state", events=events)
+    try:
+        bundle = runtime.bundle_path("ns1", "web")
+        (bundle / "exits").mkdir(parents=True)
+        (bundle / "runtime.json").write_text(json.dumps({"binary": "/bin/true", "runc_root": str(sockdir)}))
+        exited = {"exit_status": 2, "exited_at": "2026-01-02T03:04:05.5Z", "pid": 77}
+        (bundle / "exits" / "old.json").write_text(json.dumps(exited))
+        runtime.socket_path("ns1", "web").parent.mkdir(parents=True)
+        finish = threading.Event()
+        states = {"": {"pid": 10, "status": "running"}, "e1": {"pid": 11, "status": "running"}}
+        states["old"] = {**exited, "status": "stopped"}
+
+        def state(params: dict[str, Any]) -> Any:
+            if params["exec_id"] not in states:
+                raise KeyError("NotFound")
+            return states[params["exec_id"]]
+
+        def wait(params: dict[str, Any]) -> Any:
+            if params["exec_id"] != "e1":
+                return FakeShim.HANG
+            finish.wait(10)
+            return {"exit_status": 9, "exited_at": "2026-01-02T03:04:06Z"}
+
+        shim = FakeShim(
+            str(runtime.socket_path("ns1", "web")),
+            {
+                "ping": lambda p: {"pid": os.getpid()},
+                "state": state,
+                "pids": lambda p: {"pids": [{"pid": 10, "exec_id": ""}, {"pid": 11, "exec_id": "e1"}]},
+                "events": lambda p: Lines([{"topic": "/tasks/exit"}, {"topic": "/tasks/oom", "container_id": "web"}]),
+                "wait": wait,
+            },
+        )
+        [task] = runtime.restore()
+        assert (task.namespace, task.id, task.state("e1").status) == ("ns1", "web", TaskStatus.RUNNING)
+        old = task.wait("old", timeout=1)
+        assert (old.exit_status, old.pid, old.exited_at.microsecond) == (2, 77, 500000)
+        envelope = subscription.get(5)
+        assert envelope is not None and (envelope.namespace, envelope.topic) == ("ns1", "/tasks/oom")
+        assert envelope.event.container_id == "web"
+        finish.set()
+        assert task.wait("e1", timeout=5).exit_status == 9
+        envelope = subscription.get(5)
+        assert envelope is not None and envelope.topic == "/tasks/exit"
+        assert (envelope.event.container_id, envelope.event.id, envelope.event.pid, envelope.event.exit_status) == (
+            "web",
+            "e1",
+            11,
+            9,
+        )
+        with pytest.raises(TimeoutError):
+            task.wait(timeout=0.1)
+        shim.close()
+    finally:
+        runtime.close()
 
 
 def test_spawn_failure_names_the_log(sockdir: Path) -> None:
@@ -516,6 +586,7 @@ def test_pause_resume_stats_update(harness: Harness) -> None:
     metrics = task.stats()
     assert metrics.task_id == "ctl" and metrics.type_url == "io.containerd.cgroups.v2.Metrics"
     assert set(metrics.data) == {"pids", "cpu", "memory"}
+    assert metrics.data["pids"]["current"] == 1 and metrics.data["memory"]["usage"] > 0
     task.update({"pids": {"limit": 77}})
     limits = [
         Path("/sys/fs/cgroup/pids/containerkit-test/ctl/pids.max"),
@@ -567,6 +638,32 @@ def test_fifos_stdin_close_io_and_terminal(harness: Harness) -> None:
     tty.delete()
     for reader in readers:
         os.close(reader)
+    harness.assert_clean()
+
+
+@needs_real
+def test_memory_limit_and_runc_root_option(harness: Harness) -> None:
+    """Killed by the memory limit: exit 137 and its /tasks/exit (the shim's /tasks/oom on this host is the
+    shim's to test; the runtime's OOM publishing is tested against the in-test shim)."""
+    root = harness.dir / "altroot"
+    limited = {
+        **spec("oom", "tail", "/dev/zero"),
+        "linux": {**spec("oom")["linux"], "resources": {"memory": {"limit": 16 << 20}}},
+    }
+    request = CreateTaskRequest(
+        "testns",
+        "oom",
+        limited,
+        (Mount("bind", str(harness.rootfs), ("rbind",)),),
+        options={"binary_name": "runc", "root": str(root)},
+    )
+    task = harness.runtime.create(request)
+    assert (root / "testns" / "oom" / "state.json").exists()
+    task.start()
+    assert task.wait(timeout=20).exit_status == 137
+    assert [(e.container_id, e.exit_status) for e in harness.exits()] == [("oom", 137)]
+    task.delete()
+    assert not (root / "testns" / "oom").exists()
     harness.assert_clean()
 
 

@@ -233,7 +233,7 @@ class RuncTask(Task):
 
     def wait(self, exec_id: str | None = None, timeout: float | None = None) -> ExitStatus:
         process = self._process(exec_id, ask=True)
-        if not process.watched and self._gone_at is None and self.state(exec_id).status is not TaskStatus.CREATED:
+        if process.exit is None and self._gone_at is None:
             self._watch(exec_id, process)
         if not process.done.wait(timeout):
             name = f"process {exec_id!r} of task {self._id!r}" if exec_id else f"task {self._id!r}"
@@ -395,10 +395,9 @@ class RuncTask(Task):
     def _adopt_process(self, exec_id: str | None, state: Mapping[str, Any]) -> None:
         process = self._record(exec_id)
         process.pid = int(state.get("pid") or 0)
-        status = state.get("status")
-        if status == "stopped":
+        if state.get("status") == "stopped":
             self._resolve(exec_id, process, _exit(state, process.pid), publish=False)
-        elif status != "created":
+        else:
             self._watch(exec_id, process)
 
 
@@ -464,7 +463,9 @@ class RuncRuntime(Runtime):
                 self._make_bundle(task, spec, request.rootfs, settings)
                 self._spawn(task, settings)
                 task.watch_events()
-                task._call("create", None, stdio=_stdio(request.stdio))
+                init = task._record(None)
+                init.pid = int(task._call("create", None, stdio=_stdio(request.stdio))["pid"])
+                task._watch(None, init)
             except BaseException:
                 task._closing = True
                 self.teardown(ns, id, settings, task._shutdown_shim(), force=bool(task._shim_pid))
