@@ -252,24 +252,29 @@ class ContainerKind:
 
     def __init__(self, containers: ContainerStore) -> None:
         self._store = containers.store
+        self._edges: dict[Resource, list[Resource]] = {}
 
     def roots(self) -> Iterable[Resource]:
-        """Every container of every namespace."""
-        return self.all()
+        """Every container of every namespace (loads every container's edges for :meth:`references`)."""
+        with self._store.read() as conn:
+            rows = conn.execute(
+                "SELECT namespace, id, snapshotter, snapshot_key FROM containers ORDER BY namespace, id"
+            ).fetchall()
+            labels: dict[tuple[str, str], dict[str, str]] = {}
+            for namespace, id, key, value in conn.execute(
+                "SELECT namespace, container, key, value FROM container_labels"
+            ):
+                labels.setdefault((namespace, id), {})[key] = value
+        self._edges = {}
+        for namespace, id, snapshotter, key in rows:
+            snapshot = [Resource(f"snapshot/{snapshotter}", namespace, key)] if snapshotter and key else []
+            held = label_references(namespace, labels.get((namespace, id), {}))
+            self._edges[Resource("container", namespace, id)] = snapshot + held
+        return list(self._edges)
 
     def references(self, resource: Resource) -> Iterable[Resource]:
-        """The container's snapshot and its label references."""
-        with self._store.read() as conn:
-            row = conn.execute(
-                "SELECT snapshotter, snapshot_key FROM containers WHERE namespace = ? AND id = ?",
-                (resource.namespace, resource.id),
-            ).fetchone()
-            if row is None:
-                return []
-            labels = _labels(conn, resource.namespace, resource.id)
-        snapshotter, key = row
-        snapshot = [Resource(f"snapshot/{snapshotter}", resource.namespace, key)] if snapshotter and key else []
-        return snapshot + label_references(resource.namespace, labels)
+        """The container's snapshot and its label references, as :meth:`roots` loaded them."""
+        return self._edges.get(resource, [])
 
     def all(self) -> Iterable[Resource]:
         """Every container of every namespace."""
@@ -423,14 +428,6 @@ def _read_all(conn: sqlite3.Connection, namespace: str, id: str | None = None) -
     ):
         extensions[container][name] = (type_url, bytes(value))
     return [_container(row, labels[row[0]], extensions[row[0]]) for row in rows]
-
-
-def _labels(conn: sqlite3.Connection, namespace: str, id: str) -> dict[str, str]:
-    return dict(
-        conn.execute(
-            "SELECT key, value FROM container_labels WHERE namespace = ? AND container = ?", (namespace, id)
-        ).fetchall()
-    )
 
 
 def _container(row: tuple[Any, ...], labels: dict[str, str], extensions: dict[str, AnyValue]) -> Container:

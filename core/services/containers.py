@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -94,8 +95,6 @@ def container_of(message: Any) -> Container:
 def adjusted(hooks: pluggy.PluginManager, namespace: str, container: Container) -> Container:
     """``container`` with its spec as the ``containerkit_adjust_spec`` hooks leave it (``spec_json``
     kept only when they changed nothing). A hook's non-containerkit exception becomes InvalidArgument."""
-    from dataclasses import replace
-
     if container.spec is None:
         return container
     spec = copy.deepcopy(dict(container.spec))
