@@ -7,15 +7,18 @@ anything mounted under those temp dirs is unmounted before they are removed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import select
 import shutil
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +32,7 @@ from typing import Protocol
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import _daemons  # bench/_daemons.py: start/stop containerd, unmount leftovers
+from oci_images import Layout, busybox_layer
 
 REGISTRY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 SKOPEO = shutil.which("skopeo") or "/usr/bin/skopeo"
@@ -169,6 +173,126 @@ def running_containerd() -> Iterator[_daemons.RunningDaemon]:
         yield daemon
     finally:
         daemon.close()
+
+
+# ------------------------------------------------------------------------------------- containers
+
+
+def busybox_image(registry: Registry, directory: Path) -> str:
+    """The busybox image (tests/oci_images.busybox_layer, ``PATH=/bin``, ``Cmd /bin/sh``) written as an OCI
+    layout under ``directory`` and pushed to ``registry``; returns its reference."""
+    layout = Layout(Path(directory) / "busybox-layout")
+    layout.add_image("latest", [busybox_layer()])
+    return registry.push(layout.directory, "latest", "interop/busybox")
+
+
+def remove_containers(daemon: Daemon, namespace: str) -> None:
+    """Every container of ``namespace`` gone with its task and snapshot: ``ctr tasks rm -f`` (SIGKILL, wait,
+    delete; fails harmlessly when there is no task), then ``ctr containers rm``."""
+    for container in ctr(daemon, "containers", "ls", "-q", namespace=namespace).stdout.split():
+        ctr(daemon, "tasks", "rm", "-f", container, check=False, namespace=namespace)
+        ctr(daemon, "containers", "rm", container, namespace=namespace)
+
+
+@dataclass(frozen=True)
+class Place:
+    """A daemon and a namespace of one's own in it holding ``image``: ``ctr`` bound to both."""
+
+    daemon: Daemon
+    namespace: str
+    image: str
+
+    def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return ctr(self.daemon, *args, check=check, namespace=self.namespace)
+
+    def tasks(self) -> dict[str, tuple[int, str]]:
+        """``ctr tasks ls`` as {task: (pid, STATUS)}."""
+        header, *rows = (line.split() for line in self.ctr("tasks", "ls").stdout.splitlines())
+        assert header == ["TASK", "PID", "STATUS"]
+        return {row[0]: (int(row[1]), row[2]) for row in rows}
+
+    def wait_status(self, task: str, status: str, timeout: float = 30.0) -> None:
+        """Poll ``ctr tasks ls`` until ``task`` shows ``status`` (AssertionError after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while (seen := self.tasks().get(task)) is None or seen[1] != status:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"task {task} is {seen}, not {status}, after {timeout}s")
+            time.sleep(0.05)
+
+
+@contextmanager
+def image_place(daemon: Daemon, image: str, namespace: str) -> Iterator[Place]:
+    """``ctr images pull --plain-http IMAGE`` into ``namespace``; afterwards every container there is removed
+    (:func:`remove_containers`)."""
+    ctr(daemon, "images", "pull", "--plain-http", image, namespace=namespace)
+    try:
+        yield Place(daemon, namespace, image)
+    finally:
+        remove_containers(daemon, namespace)
+
+
+@dataclass(frozen=True)
+class PtyRun:
+    """What a command run under a pseudo-terminal printed (both streams, as the terminal shows them)."""
+
+    returncode: int
+    output: bytes
+
+
+def ctr_pty(
+    daemon: Daemon,
+    *args: str,
+    namespace: str | None = None,
+    typed: bytes = b"",
+    rows: int = 24,
+    columns: int = 80,
+    timeout: float = CTR_TIMEOUT_S,
+) -> PtyRun:
+    """``ctr -a SOCK [-n NS] ARGS`` with a fresh pty of ``rows`` x ``columns`` as its stdin, stdout, stderr and
+    controlling terminal; ``typed`` is written to the terminal once ctr has started. Reads until ctr exits
+    (killed by pid after ``timeout``, which fails)."""
+    ns = ["-n", namespace] if namespace else []
+    master, slave = os.openpty()
+    termios.tcsetwinsize(slave, (rows, columns))
+    try:
+        proc = subprocess.Popen(
+            [CTR, "-a", str(daemon.address), *ns, *args],
+            stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        )  # fmt: skip
+    finally:
+        os.close(slave)
+    try:
+        if typed:
+            os.write(master, typed)
+        output = _read_until_hangup(master, proc, time.monotonic() + timeout)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    return PtyRun(proc.returncode, output)
+
+
+def _read_until_hangup(master: int, proc: subprocess.Popen[bytes], deadline: float) -> bytes:
+    """Everything the terminal's other side writes until it hangs up (EIO once every slave fd is closed)."""
+    chunks = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"{proc.args} still running after its timeout; printed: {b''.join(chunks)!r}")
+        if not select.select([master], [], [], min(remaining, 0.5))[0]:
+            if proc.poll() is not None and not select.select([master], [], [], 0.2)[0]:
+                return b"".join(chunks)
+            continue
+        try:
+            chunk = os.read(master, 65536)
+        except OSError as err:
+            if err.errno != errno.EIO:
+                raise
+            return b"".join(chunks)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 # ------------------------------------------------------------------------------------------ trees
