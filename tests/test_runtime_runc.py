@@ -668,6 +668,35 @@ def test_memory_limit_and_runc_root_option(harness: Harness) -> None:
 
 
 @needs_real
+def test_concurrent_tasks(harness: Harness) -> None:
+    """Tasks created, started, waited for and deleted from many threads at once; no fd of theirs stays open."""
+    fds = len(os.listdir("/proc/self/fd"))
+    errors: list[BaseException] = []
+
+    def run(n: int) -> None:
+        try:
+            task = harness.create(f"c{n}", "sh", "-c", f"exit {n}")
+            task.start()
+            assert task.wait(timeout=30).exit_status == n
+            assert task.delete().exit_status == n
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted((e.container_id, e.exit_status) for e in harness.exits()) == sorted((f"c{n}", n) for n in range(8))
+    deadline = time.monotonic() + 5
+    while len(os.listdir("/proc/self/fd")) > fds and time.monotonic() < deadline:
+        time.sleep(0.05)  # the watcher drops a connection once the shim has exited
+    assert len(os.listdir("/proc/self/fd")) <= fds
+    harness.assert_clean()
+
+
+@needs_real
 def test_errors_leave_nothing_behind(harness: Harness) -> None:
     runtime = harness.runtime
     task = harness.create("dup", "true")

@@ -227,7 +227,7 @@ class RuncTask(Task):
     def pids(self) -> list[ProcessInfo]:
         try:
             result = self._call("pids", None, if_gone=ShimGone)
-        except (ShimGone, FailedPrecondition):
+        except ShimGone:
             return []
         return [ProcessInfo(int(p["pid"]), p.get("exec_id") or None) for p in result.get("pids") or ()]
 
