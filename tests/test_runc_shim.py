@@ -217,6 +217,9 @@ def test_echo_through_fifo_and_file(make_shim: Any) -> None:
     shim = make_shim("sh", "-c", "echo hi; echo err >&2; exit 3")
     out = fifo(shim.base / "out")
     stdio = {"stdout": str(shim.base / "out"), "stderr": f"file://{shim.base}/logs/err.log", "stdin": ""}
+    with pytest.raises(CallError) as refused:
+        shim.call("create", stdio={**stdio, "stdout": "binary:///usr/bin/logger"})
+    assert refused.value.code == "InvalidArgument"
     pid = shim.call("create", stdio=stdio)["pid"]
     assert pid > 0
     assert shim.call("state")["status"] == "created"
@@ -294,13 +297,11 @@ def test_stdin_and_close_io(make_shim: Any) -> None:
     shim.call("create", stdio={"stdin": str(stdin_path), "stdout": str(out_path)})
     shim.call("start")
     writer = os.open(stdin_path, os.O_WRONLY)
-    os.write(writer, b"through stdin\n")
+    os.write(writer, b"through stdin\n" * 4000)
     os.close(writer)
-    time.sleep(0.2)
-    assert shim.call("state")["status"] == "running"
     shim.call("close_io")
     assert shim.call("wait")["exit_status"] == 0
-    assert read_all(out) == b"through stdin\n"
+    assert read_all(out) == b"through stdin\n" * 4000
 
 
 def test_kill_all_pause_resume_pids_stats_update(make_shim: Any) -> None:
@@ -355,6 +356,27 @@ def test_terminal(make_shim: Any) -> None:
     shim.call("start")
     assert shim.call("wait")["exit_status"] == 0
     assert read_all(out).replace(b"\r", b"").split(b"\n")[:3] == [b"30 100", b"/dev/pts/0", b"term-ok"]
+
+
+def test_terminal_exec_with_input(make_shim: Any) -> None:
+    shim = make_shim("sleep", "100")
+    shim.call("create", stdio={})
+    shim.call("start")
+    stdin_path = shim.base / "in"
+    os.mkfifo(stdin_path)
+    out = fifo(shim.base / "out")
+    stdio = {"stdin": str(stdin_path), "stdout": str(shim.base / "out"), "terminal": True}
+    shim.call("exec", exec_id="tty", process={"args": ["sh"], **PROCESS}, stdio=stdio)
+    shim.call("start", exec_id="tty")
+    with pytest.raises(CallError) as no_tty:
+        shim.call("resize", width=80, height=24)
+    assert no_tty.value.code == "FailedPrecondition"
+    shim.call("resize", exec_id="tty", width=80, height=24)
+    writer = os.open(stdin_path, os.O_WRONLY)
+    os.write(writer, b"echo via-$((6 * 7)); exit 6\n")
+    os.close(writer)
+    assert shim.call("wait", exec_id="tty")["exit_status"] == 6
+    assert b"via-42" in read_all(out)
 
 
 def test_wait_from_two_connections(make_shim: Any) -> None:

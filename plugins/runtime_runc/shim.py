@@ -48,16 +48,51 @@ def exit_code(status: int) -> int:
     return code if code >= 0 else 128 - code
 
 
-def copy(src: int, dst: int, stop: threading.Event | None = None, close: int = -1) -> None:
-    """Copy ``src`` to ``dst`` until end of file, an error, or ``stop`` is set after a read; then close ``close``."""
+def is_fifo(path: str) -> bool:
+    return os.stat(path).st_mode & 0o170000 == 0o010000
+
+
+def copy(src: int, dst: int, close: int = -1) -> None:
+    """Copy ``src`` to ``dst`` until end of file or an error, then close ``close``."""
     try:
-        while (data := os.read(src, CHUNK)) and not (stop and stop.is_set()):
+        while data := os.read(src, CHUNK):
             while data:
                 data = data[os.write(dst, data) :]
     except OSError:
         pass
     if close >= 0:
         os.close(close)
+
+
+def pump(src: int, dst: int, wake: int, owned: tuple[int, ...]) -> None:
+    """Copy the FIFO ``src`` to ``dst`` until ``wake`` is signalled (what ``src`` holds by then is still
+    copied) or an error; then close ``owned``."""
+    poller = select.poll()
+    poller.register(src, select.POLLIN)
+    poller.register(wake, select.POLLIN)
+    os.set_blocking(src, False)
+    try:
+        stopping = False
+        while not stopping:
+            stopping = any(fd == wake for fd, _ in poller.poll())
+            with contextlib.suppress(BlockingIOError):
+                while data := os.read(src, CHUNK):
+                    while data:
+                        data = data[os.write(dst, data) :]
+    except OSError:
+        pass
+    for fd in owned:
+        os.close(fd)
+
+
+def open_input(path: str) -> tuple[int, int]:
+    """The fd to give a process as stdin for ``path`` and the FIFO to copy into it (-1 when ``path`` is a
+    regular file, given directly, or empty: /dev/null)."""
+    if "://" in path:
+        raise ShimError("InvalidArgument", f"unsupported stdin {path!r} (FIFO or file path only)")
+    if path and is_fifo(path):
+        return os.open(os.devnull, os.O_RDONLY), os.open(path, os.O_RDWR)
+    return os.open(path or os.devnull, os.O_RDONLY), -1
 
 
 def open_output(path: str) -> int:
@@ -70,11 +105,8 @@ def open_output(path: str) -> int:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     elif "://" in path:
         raise ShimError("InvalidArgument", f"unsupported stdio URI {path!r} (FIFO, file path or file:// only)")
-    try:
-        if os.stat(path).st_mode & 0o170000 == 0o010000:
-            return os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        pass
+    if os.path.exists(path) and is_fifo(path):
+        return os.open(path, os.O_RDWR)
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
 
 
@@ -183,8 +215,7 @@ class Process:
         self.status = "created"
         self.exit: dict[str, Any] | None = None
         self.console = -1
-        self.stdin_fifo = -1
-        self.stdin_stop = threading.Event()
+        self.stdin_wake = -1
         self.threads: list[threading.Thread] = []
 
     def state(self) -> dict[str, Any]:
@@ -205,18 +236,10 @@ class Process:
         self.threads.append(thread)
 
     def close_stdin(self) -> None:
-        """Stop copying stdin (the process sees end of file unless it has a terminal). Idempotent."""
-        if self.stdin_fifo < 0 or self.stdin_stop.is_set():
-            return
-        self.stdin_stop.set()
-        if os.fstat(self.stdin_fifo).st_mode & 0o170000 != 0o010000:
-            return
-        try:  # wake the copier blocked reading the FIFO; it sees the stop flag and quits
-            fd = os.open(f"/proc/self/fd/{self.stdin_fifo}", os.O_WRONLY | os.O_NONBLOCK)
-            os.write(fd, b"\0")
-            os.close(fd)
-        except OSError:
-            pass
+        """Stop copying stdin once what was written is passed on (the process then sees end of file
+        unless it has a terminal). Idempotent."""
+        if self.stdin_wake >= 0:
+            os.eventfd_write(self.stdin_wake, 1)
 
 
 class Shim:
@@ -288,10 +311,10 @@ class Shim:
         for thread in proc.threads:
             thread.join(2.0)
         if not any(t.is_alive() for t in proc.threads):
-            for fd in (proc.console, proc.stdin_fifo):
+            for fd in (proc.console, proc.stdin_wake):
                 if fd >= 0:
                     os.close(fd)
-            proc.console = proc.stdin_fifo = -1
+            proc.console = proc.stdin_wake = -1
         record = {"exit_status": code, "exited_at": at, "pid": proc.pid}
         directory = os.path.join(self.bundle, "exits")
         os.makedirs(directory, exist_ok=True)
@@ -368,21 +391,16 @@ class Shim:
 
     def launch(self, proc: Process, command: list[str]) -> None:
         """Run runc ``create``/``exec`` for ``proc`` with its stdio (or a terminal) and claim its pid."""
-        outs: list[int] = []
-        stdin = os.open(os.devnull, os.O_RDONLY)
-        stdin_w = -1
+        done: list[int] = []  # fds to close once runc has passed them on
         listener: socket.socket | None = None
         try:
-            outs = [open_output(proc.stdio["stdout"]), open_output(proc.stdio["stderr"])]
-            path = proc.stdio["stdin"]
-            if path:
-                if path.startswith("file://") or "://" in path:
-                    raise ShimError("InvalidArgument", f"unsupported stdin {path!r} (FIFO or file path only)")
-                os.close(stdin)
-                stdin = os.open(path, os.O_RDWR if os.stat(path).st_mode & 0o170000 == 0o010000 else os.O_RDONLY)
-                if not proc.terminal and os.fstat(stdin).st_mode & 0o170000 == 0o010000:
-                    proc.stdin_fifo = stdin
-                    stdin, stdin_w = os.pipe()
+            for name in ("stdout", "stderr"):
+                done.append(open_output(proc.stdio[name]))
+            stdin, feed = open_input(proc.stdio["stdin"])
+            done += [stdin, feed]
+            if feed >= 0 and not proc.terminal:
+                stdin, writer = os.pipe()
+                done += [stdin, writer]
             pid_file = os.path.join(self.bundle, f"{proc.exec_id or 'init'}.pid")
             args = [*command, "--pid-file", pid_file]
             if proc.terminal:
@@ -394,30 +412,33 @@ class Shim:
                 listener.listen(1)
                 args += ["--console-socket", console_path]
             since = time.monotonic()
-            self.runc(*args, self.id, stdio=(stdin, outs[0], outs[1]))
+            self.runc(*args, self.id, stdio=(stdin, done[0], done[1]))
             with open(pid_file) as f:
                 pid = int(f.read().strip())
-            if proc.terminal:
+            if listener is not None:
                 listener.settimeout(10)
                 conn, _ = listener.accept()
                 with conn:
                     _, fds, _, _ = socket.recv_fds(conn, 1024, 1)
                 proc.console = fds[0]
-                out = os.dup(outs[0])
-                proc.spawn(copy, proc.console, out, None, out)
-                if stdin_w < 0 and path:
-                    proc.stdin_fifo, stdin = stdin, -1
-                    proc.spawn(copy, proc.stdin_fifo, proc.console, proc.stdin_stop)
-            elif stdin_w >= 0:
-                proc.spawn(copy, proc.stdin_fifo, stdin_w, proc.stdin_stop, stdin_w)
-                stdin_w = -1
+                out = os.dup(done[0])
+                proc.spawn(copy, proc.console, out, out)
+            if feed >= 0:
+                done.remove(feed)
+                if proc.console >= 0:
+                    target, owned = proc.console, (feed,)
+                else:
+                    done.remove(writer)
+                    target, owned = writer, (feed, writer)
+                proc.stdin_wake = os.eventfd(0, os.EFD_CLOEXEC)
+                proc.spawn(pump, feed, target, proc.stdin_wake, owned)
             self.claim(proc, pid, since)
         finally:
             if listener is not None:
                 listener.close()
                 os.unlink(console_path)
-            for fd in (stdin, stdin_w, *outs):
-                if fd >= 0 and fd != proc.stdin_fifo:
+            for fd in done:
+                if fd >= 0:
                     os.close(fd)
 
     # -- events ---------------------------------------------------------------------------------------
