@@ -223,7 +223,7 @@ class Process:
         exit = self.exit or {"exit_status": 0, "exited_at": ""}
         return {
             "pid": self.pid,
-            "status": self.status,
+            "status": "created" if self.status == "starting" else self.status,
             "exit_status": exit["exit_status"],
             "exited_at": exit["exited_at"],
             "stdio": {**self.stdio, "terminal": self.terminal},
@@ -316,23 +316,32 @@ class Shim:
                     os.close(fd)
             proc.console = proc.stdin_wake = -1
         record = {"exit_status": code, "exited_at": at, "pid": proc.pid}
-        directory = os.path.join(self.bundle, "exits")
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"{proc.exec_id or 'init'}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(path + ".tmp", path)
-        dfd = os.open(directory, os.O_RDONLY)
-        os.fsync(dfd)
-        os.close(dfd)
+        try:
+            self.write_exit(proc.exec_id or "init", record)
+        except OSError as err:  # the waiters must still be answered
+            print(f"shim {self.id}: cannot record the exit of {proc.exec_id or 'init'}: {err}", file=sys.stderr)
         with self.cond:
             proc.exit, proc.status = record, "stopped"
             if not proc.exec_id and self.oom_fds[0] >= 0:
                 self.epoll.unregister(self.oom_fds[0])
             self.cond.notify_all()
         self.publish({"topic": "/tasks/exit", "container_id": self.id, "id": proc.exec_id or self.id, **record})
+
+    def write_exit(self, name: str, record: dict[str, Any]) -> None:
+        """Write ``<bundle>/exits/<name>.json`` atomically and durably (temporary file, fsync, rename, fsync)."""
+        directory = os.path.join(self.bundle, "exits")
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"{name}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(path + ".tmp", path)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # -- runc -----------------------------------------------------------------------------------------
 
