@@ -4,15 +4,19 @@ errors as one line, and events of other services as they happen."""
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from conftest import CKCTL
 from google.protobuf import any_pb2
+from interop import ctr
 from test_ckctl import one_line_error, table
-from test_ctr_containers import watching
+from test_ctr_containers import pushed_busybox, watching
 
 from core.api.containerd.services.containers.v1 import containers_pb2 as pb
 from core.api.containerd.services.containers.v1 import containers_pb2_grpc as pb_grpc
@@ -101,3 +105,27 @@ def test_events_shows_what_the_services_publish(daemon: Any, containers: Any) ->
 def test_events_with_a_bad_filter_is_one_line_error(daemon: Any) -> None:
     error = one_line_error(daemon.ckctl("events", "topic==", check=False))
     assert error.startswith("ckctl: filters: parse error: [topic==]") and error.endswith("(invalid argument)")
+
+
+@pytest.mark.skipif(shutil.which("runc") is None or shutil.which("ctr") is None, reason="needs runc and ctr")
+def test_rm_refuses_a_live_task_and_deletes_a_stopped_one_as_ctr(
+    containerkitd: Any, registry: Any, tmp_path: Path
+) -> None:
+    namespace = "ckctl-rm"
+    busybox = pushed_busybox(registry, tmp_path)
+    ctr(containerkitd, "images", "pull", "--plain-http", busybox, namespace=namespace)
+    ctr(containerkitd, "run", "-d", busybox, "sleeper", "sleep", "100", namespace=namespace)
+    try:
+        refused = containerkitd.ckctl("containers", "rm", "sleeper", check=False, namespace=namespace)
+        assert one_line_error(refused) == "ckctl: sleeper: cannot delete a non stopped container: running"
+        ctr(containerkitd, "tasks", "kill", "-s", "KILL", "sleeper", namespace=namespace)
+        deadline = time.monotonic() + 20
+        while "STOPPED" not in ctr(containerkitd, "tasks", "ls", namespace=namespace).stdout:
+            assert time.monotonic() < deadline, "the killed task never stopped"
+            time.sleep(0.05)
+        assert containerkitd.ckctl("containers", "rm", "sleeper", namespace=namespace).stdout == "sleeper\n"
+        assert containerkitd.ckctl("containers", "ls", "-q", namespace=namespace).stdout == ""
+        assert ctr(containerkitd, "tasks", "ls", "-q", namespace=namespace).stdout == ""
+    finally:
+        ctr(containerkitd, "tasks", "rm", "-f", "sleeper", check=False, namespace=namespace)
+        ctr(containerkitd, "containers", "rm", "sleeper", check=False, namespace=namespace)

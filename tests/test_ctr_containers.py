@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,12 +32,17 @@ pytestmark = [
 EVENT_TIMEOUT = 30.0
 
 
+def pushed_busybox(registry: Any, directory: Path) -> str:
+    """Push a busybox image (built in ``directory``) to the interop ``registry``; its reference."""
+    layout = Layout(directory)
+    layout.add_image("latest", [busybox_layer()])
+    return str(registry.push(layout.directory, "latest", "interop/busybox"))
+
+
 @pytest.fixture(scope="module")
 def busybox(registry: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The reference of a busybox image in the interop registry."""
-    layout = Layout(tmp_path_factory.mktemp("layout"))
-    layout.add_image("latest", [busybox_layer()])
-    return str(registry.push(layout.directory, "latest", "interop/busybox"))
+    return pushed_busybox(registry, tmp_path_factory.mktemp("layout"))
 
 
 @pytest.fixture
