@@ -265,6 +265,9 @@ def test_exec_processes(make_shim: Any) -> None:
     with pytest.raises(CallError) as duplicate:
         shim.call("exec", exec_id="e1", process=process, stdio={})
     assert duplicate.value.code == "AlreadyExists"
+    with pytest.raises(CallError) as reserved:
+        shim.call("exec", exec_id="init", process=process, stdio={})
+    assert reserved.value.code == "InvalidArgument"
     assert shim.call("state", exec_id="e1")["status"] == "created"
     shim.call("start", exec_id="e1")
     assert shim.call("wait", exec_id="e1")["exit_status"] == 5

@@ -25,7 +25,6 @@ import time
 from typing import Any
 
 CHUNK = 65536
-EXIT_FIELDS = ("exit_status", "exited_at", "pid")
 
 
 class ShimError(Exception):
@@ -49,6 +48,7 @@ def exit_code(status: int) -> int:
 
 
 def is_fifo(path: str) -> bool:
+    """Whether ``path`` is a FIFO."""
     return os.stat(path).st_mode & 0o170000 == 0o010000
 
 
@@ -368,6 +368,8 @@ class Shim:
                 setsigmask=(),
             )
         except OSError as err:
+            if capture:
+                os.close(reader)
             raise ShimError("InvalidArgument", f"cannot run {self.binary}: {err.strerror}") from None
         finally:
             os.close(null)
@@ -410,7 +412,7 @@ class Shim:
             if feed >= 0 and not proc.terminal:
                 stdin, writer = os.pipe()
                 done += [stdin, writer]
-            pid_file = os.path.join(self.bundle, f"{proc.exec_id or 'init'}.pid")
+            pid_file = os.path.join(self.bundle, f".exec-{proc.exec_id}.pid" if proc.exec_id else "init.pid")
             args = [*command, "--pid-file", pid_file]
             if proc.terminal:
                 with self.cond:
@@ -424,6 +426,8 @@ class Shim:
             self.runc(*args, self.id, stdio=(stdin, done[0], done[1]))
             with open(pid_file) as f:
                 pid = int(f.read().strip())
+            if proc.exec_id:
+                os.unlink(pid_file)
             if listener is not None:
                 listener.settimeout(10)
                 conn, _ = listener.accept()
@@ -559,8 +563,8 @@ class Shim:
     def do_exec(self, params: dict[str, Any]) -> dict[str, Any]:
         exec_id = params.get("exec_id") or ""
         spec = params.get("process")
-        if not exec_id or "/" in exec_id or not isinstance(spec, dict):
-            raise ShimError("InvalidArgument", "exec needs an exec_id and a process spec object")
+        if not exec_id or "/" in exec_id or exec_id == "init" or not isinstance(spec, dict):
+            raise ShimError("InvalidArgument", f"exec needs a valid exec_id (not {exec_id!r}) and a process object")
         stdio = params.get("stdio") or {}
         with self.cond:
             if exec_id in self.procs:
