@@ -46,8 +46,8 @@ def any_of(event: Any) -> Any:
 
 
 def message_of(event: Any) -> Any:
-    """The event message an Any holds when its type (the part of the type URL after the last ``/``) is
-    a known event message that parses; otherwise the Any itself."""
+    """The message an Any holds when its type (the part of the type URL after the last ``/``) is one
+    the daemon knows (every event message is) and its bytes parse; otherwise the Any itself."""
     from google.protobuf import descriptor_pool, message, message_factory
 
     _import_event_messages()
