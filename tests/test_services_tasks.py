@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import any_pb2
+from interop import busybox_image, image_place
 
 from core.api.containerd.cgroups.v2 import metrics_pb2 as cgroups_pb
 from core.api.containerd.events import task_pb2 as events_pb
@@ -650,6 +651,98 @@ def test_runtimes_are_found_by_id_and_alias_and_each_restored_once(served: Serve
     names = runtimes_by_name(records)
     assert names == {"runc": runc, "io.containerd.runc.v2": runc, "io.containerd.runc.v1": runc, "other": other}
     service = TasksService(served.containers, served.snapshots, names, served.recorder)
-    assert service.runtimes == [runc, other]
+    assert service.runtimes == {"runc": runc, "other": other}
     service.restore()
     assert (runc.restored, other.restored) == (1, 1)
+
+
+# -- against a real containerkitd with the runc runtime ------------------------------------------
+
+needs_tools = pytest.mark.skipif(
+    any(shutil.which(tool) is None for tool in ("ctr", "docker-registry", "skopeo", "runc")),
+    reason="needs Debian's ctr, runc, docker-registry and skopeo",
+)
+
+
+@pytest.fixture(scope="module")
+def busybox(registry: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The busybox image's reference in the interop registry."""
+    return busybox_image(registry, tmp_path_factory.mktemp("busybox"))
+
+
+@pytest.fixture
+def place(containerkitd: Any, busybox: str, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """busybox pulled into a namespace of the test's own in the module's containerkitd."""
+    with image_place(containerkitd, busybox, request.node.name.removeprefix("test_").replace("_", "-")) as place:
+        yield place
+
+
+@pytest.mark.integration
+@needs_tools
+def test_real_task_from_the_containers_snapshot_over_the_wire(place: Any, containerkitd: Any) -> None:
+    place.ctr("containers", "create", place.image, "w1", "--", "sh", "-c", "echo hello from w1; exec sleep 300")
+    out = containerkitd.dir / "w1.out"
+    metadata = ns(place.namespace)
+    with grpc.insecure_channel(f"unix:{containerkitd.address}") as channel:
+        stub = pb_grpc.TasksStub(channel)
+        created = stub.Create(pb.CreateTaskRequest(container_id="w1", stdout=str(out)), metadata=metadata)
+        assert stub.Start(pb.StartRequest(container_id="w1"), metadata=metadata).pid == created.pid
+        process = stub.Get(pb.GetRequest(container_id="w1"), metadata=metadata).process
+        assert (process.status, process.pid, process.stdout) == (task_pb2.RUNNING, created.pid, str(out))
+        deadline = time.monotonic() + 10
+        while "hello" not in (out.read_text() if out.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert out.read_text() == "hello from w1\n"
+        assert created.pid in [
+            p.pid for p in stub.ListPids(pb.ListPidsRequest(container_id="w1"), metadata=metadata).processes
+        ]
+
+        spec = {"args": ["sh", "-c", "exit 3"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}
+        stub.Exec(pb.ExecProcessRequest(container_id="w1", exec_id="e1", spec=json_any(spec)), metadata=metadata)
+        stub.Start(pb.StartRequest(container_id="w1", exec_id="e1"), metadata=metadata)
+        assert stub.Wait(pb.WaitRequest(container_id="w1", exec_id="e1"), metadata=metadata).exit_status == 3
+        assert (
+            stub.DeleteProcess(pb.DeleteProcessRequest(container_id="w1", exec_id="e1"), metadata=metadata).exit_status
+            == 3
+        )
+
+        (metric,) = stub.Metrics(pb.MetricsRequest(filters=["id==w1"]), metadata=metadata).metrics
+        data = cgroups_pb.Metrics.FromString(metric.data.value)
+        assert metric.data.type_url == "io.containerd.cgroups.v2.Metrics"
+        assert data.pids.current >= 1 and data.memory.usage > 0
+
+        assert code_of(lambda: stub.Delete(pb.DeleteTaskRequest(container_id="w1"), metadata=metadata))[0] == (
+            grpc.StatusCode.FAILED_PRECONDITION
+        )
+        stub.Kill(pb.KillRequest(container_id="w1", signal=signal.SIGKILL), metadata=metadata)
+        assert stub.Wait(pb.WaitRequest(container_id="w1"), metadata=metadata).exit_status == 137
+        assert stub.Delete(pb.DeleteTaskRequest(container_id="w1"), metadata=metadata).exit_status == 137
+        assert stub.List(pb.ListTasksRequest(), metadata=metadata).tasks == []
+
+
+@pytest.mark.integration
+@needs_tools
+def test_ctr_names_an_unknown_runtime(place: Any) -> None:
+    place.ctr("containers", "create", "--runtime", "io.containerd.nosuch.v1", place.image, "u1", "true")
+    started = place.ctr("tasks", "start", "u1", check=False)
+    assert started.returncode != 0
+    assert 'unknown runtime "io.containerd.nosuch.v1": no runtime plugin has that id or alias' in started.stderr
+    assert place.tasks() == {}
+
+
+@pytest.mark.integration
+@needs_tools
+def test_tasks_come_back_after_a_daemon_restart(make_daemon: Any, busybox: str) -> None:
+    daemon = make_daemon()
+    with image_place(daemon, busybox, "restart") as place:
+        place.ctr("run", "-d", place.image, "r1", "sleep", "300")
+        pid, status = place.tasks()["r1"]
+        assert status == "RUNNING"
+        daemon.restart()
+        assert place.tasks() == {"r1": (pid, "RUNNING")}
+        assert "restored 1 task(s) of runtime runc" in daemon.log
+        assert place.ctr("tasks", "exec", "--exec-id", "e1", "r1", "echo", "still here").stdout == "still here\n"
+        place.ctr("tasks", "kill", "-s", "SIGKILL", "r1")
+        place.wait_status("r1", "STOPPED")
+        place.ctr("tasks", "rm", "r1")
+        assert place.tasks() == {}

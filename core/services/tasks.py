@@ -170,20 +170,23 @@ class TasksService:
         self._stopping = threading.Event()
 
     @property
-    def runtimes(self) -> list[Runtime]:
-        """Each runtime once, in the order of its first name."""
-        return list({id(runtime): runtime for runtime in self._runtimes.values()}.values())
+    def runtimes(self) -> dict[str, Runtime]:
+        """Each runtime once, by the first name it answers to (its plugin id)."""
+        first: dict[int, tuple[str, Runtime]] = {}
+        for name, runtime in self._runtimes.items():
+            first.setdefault(id(runtime), (name, runtime))
+        return dict(first.values())
 
     def restore(self) -> None:
         """Let every runtime take over the tasks of a previous daemon (once, at start). A runtime that
         fails to restore is logged; its new tasks still work."""
-        for runtime in self.runtimes:
+        for name, runtime in self.runtimes.items():
             try:
                 restored = runtime.restore()
             except Exception:
-                log.exception("restoring the tasks of runtime %s failed", type(runtime).__name__)
+                log.exception("restoring the tasks of runtime %s failed", name)
                 continue
-            log.info("restored %d task(s) of runtime %s", len(restored), type(runtime).__name__)
+            log.info("restored %d task(s) of runtime %s", len(restored), name)
 
     def stopping(self) -> None:
         """The daemon is stopping: pending Waits end (Unavailable) instead of holding the server."""
@@ -214,7 +217,7 @@ class TasksService:
         """The namespace's tasks of every runtime whose ``id`` and ``namespace`` pass ``selectors``
         (containerd's filters; none: all)."""
         selected = filters.parse(list(selectors)) if selectors else filters.match_all
-        for runtime in self.runtimes:
+        for runtime in self.runtimes.values():
             for task in runtime.tasks(namespace):
                 if selected({"id": task.id, "namespace": namespace}):
                     yield task
