@@ -467,7 +467,10 @@ def test_crun_drop_in(make_shim: Any, crun_wrap: list[str]) -> None:
     shim.call("pause")
     shim.call("resume")
     assert shim.call("stats")["pids"]["current"] == 1
-    shim.call("kill", signal=9)
+    assert [p["exec_id"] for p in shim.call("pids")["pids"]] == [""]
+    shim.call("update", resources={"pids": {"limit": 40}})
+    assert shim.call("stats")["pids"]["limit"] == 40
+    shim.call("kill", signal=9, all=True)
     assert shim.call("wait")["exit_status"] == 137
     assert read_all(out) == b"crun-hi\n"
     shim.call("delete", exec_id="x")
