@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from core.cli import containers as containers_cli
 from core.cli import content as content_cli
 from core.cli import images as images_cli
 from core.cli import leases as lease_cli
@@ -81,7 +82,7 @@ def run_container(client: Client, args: argparse.Namespace) -> int:
     finally:
         if args.rm:
             with contextlib.suppress(CliError):  # the first error is the one to report
-                _remove(client, args.id, args.snapshotter)
+                containers_cli._remove(client, args.id, keep_snapshot=False)
 
 
 def _image_config(client: Client, name: str, platform: str) -> Any:
@@ -171,12 +172,16 @@ def _spec(
         )
 
     try:
-        if not oci_spec.needs_rootfs(user):
-            return spec_for(None)
-        with _mounted_readonly(rootfs) as root:
-            return spec_for(root)
+        if oci_spec.needs_rootfs(user):
+            with _mounted_readonly(rootfs) as root:
+                spec = spec_for(root)
+        else:
+            spec = spec_for(None)
     except ContainerkitError as err:
         raise CliError(str(err)) from None
+    if args.tty:
+        tasks_cli.set_console_size(spec["process"])
+    return spec
 
 
 @contextlib.contextmanager
@@ -215,17 +220,3 @@ def _run_attached(client: Client, id: str, terminal: bool) -> int:
         finally:
             with contextlib.suppress(CliError):  # the first error is the one to report
                 client.call(stub.Delete, pb.DeleteTaskRequest(container_id=id))
-
-
-def _remove(client: Client, id: str, snapshotter: str) -> None:
-    """Delete what ``run`` made for ``id``: its task if any, the container and its snapshot."""
-    from core.api.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
-    from core.api.containerd.services.snapshots.v1 import snapshots_pb2
-    from core.api.containerd.services.tasks.v1 import tasks_pb2
-
-    with contextlib.suppress(CliError):  # no task: it was never created or is deleted already
-        client.call(tasks_cli._stub(client).Delete, tasks_pb2.DeleteTaskRequest(container_id=id))
-    stub = containers_pb2_grpc.ContainersStub(client.channel)
-    client.call(stub.Delete, containers_pb2.DeleteContainerRequest(id=id))
-    request = snapshots_pb2.RemoveSnapshotRequest(snapshotter=snapshotter, key=id)
-    client.call(snapshot_cli._stub(client).Remove, request)

@@ -151,12 +151,12 @@ def kill_task(client: Client, args: argparse.Namespace) -> int:
 
 
 def list_processes(client: Client, args: argparse.Namespace) -> int:
-    from core.api.containerd.runc.v1 import runc_pb2
+    from core.api.containerd.runc.v1 import options_pb2
     from core.api.containerd.services.tasks.v1 import tasks_pb2 as pb
 
     processes = []
     for info in client.call(_stub(client).ListPids, pb.ListPidsRequest(container_id=args.id)).processes:
-        details = runc_pb2.ProcessDetails()
+        details = options_pb2.ProcessDetails()
         processes.append({"pid": info.pid, "exec_id": details.exec_id if info.info.Unpack(details) else ""})
     if args.json:
         print_json(processes)
@@ -223,6 +223,8 @@ def exec_process(client: Client, args: argparse.Namespace) -> int:
     except (ValueError, KeyError, TypeError):
         raise CliError(f"container {args.id!r} has no OCI process spec to exec from") from None
     process.update(args=args.args, terminal=args.tty)
+    if args.tty:
+        set_console_size(process)
     if args.cwd:
         process["cwd"] = args.cwd
     spec = any_pb2.Any(type_url=PROCESS_TYPE_URL, value=json.dumps(process).encode())
@@ -370,10 +372,19 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def set_console_size(process: dict[str, Any]) -> None:
+    """Give an OCI ``process`` the size of ckctl's terminal, so it starts with the right one (nothing when
+    stdin is no terminal)."""
+    with contextlib.suppress(OSError):
+        rows, columns = termios.tcgetwinsize(sys.stdin.fileno())
+        process["consoleSize"] = {"height": rows, "width": columns}
+
+
 def attach(client: Client, container_id: str, exec_id: str, stdio: Stdio) -> int:
     """Start the created process ``exec_id`` ("" the init process) of task ``container_id`` and stay with
     it until it exits: stdio copied, the :data:`FORWARDED_SIGNALS` sent on to it, and with a terminal
-    ckctl's tty in raw mode (restored after) and its size passed on at start and on SIGWINCH.
+    ckctl's tty in raw mode (restored after) and its size passed on at each SIGWINCH (the first one is
+    in the process spec, see :func:`set_console_size`).
     Returns the process's exit status; its output is complete when this returns."""
     from core.api.containerd.services.tasks.v1 import tasks_pb2 as pb
 
@@ -400,15 +411,14 @@ def attach(client: Client, container_id: str, exec_id: str, stdio: Stdio) -> int
             request = pb.ResizePtyRequest(container_id=container_id, exec_id=exec_id, width=columns, height=rows)
             client.call(stub.ResizePty, request)
 
-    threading.Thread(target=wait, name="ckctl-wait", daemon=True).start()  # before Start: no exit is missed
-    client.call(stub.Start, pb.StartRequest(container_id=container_id, exec_id=exec_id))
-    close = pb.CloseIORequest(container_id=container_id, exec_id=exec_id, stdin=True)
-    stdio.start(lambda: client.call(stub.CloseIO, close))
     handlers = {number: forward for number in FORWARDED_SIGNALS}
     if stdio.terminal:
         handlers[signal.SIGWINCH] = resize
-        resize()
+    close = pb.CloseIORequest(container_id=container_id, exec_id=exec_id, stdin=True)
+    threading.Thread(target=wait, name="ckctl-wait", daemon=True).start()  # before Start: no exit is missed
     with _raw_terminal(stdio.terminal), _signal_handlers(handlers):
+        client.call(stub.Start, pb.StartRequest(container_id=container_id, exec_id=exec_id))
+        stdio.start(lambda: client.call(stub.CloseIO, close))
         done.wait()
     stdio.finish()
     result = outcome[0]
