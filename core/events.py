@@ -62,9 +62,12 @@ class Exchange:
         self._subscriptions: list[Subscription] = []
         self._lock = threading.Lock()
 
-    def publish(self, namespace: str, topic: str, event: Any) -> None:
-        """Deliver ``event`` to every subscriber and observer; an observer's failure is logged only."""
-        envelope = Envelope(time.time(), namespace, topic, event)
+    def publish(self, namespace: str, topic: str, event: Any, timestamp: float | None = None) -> None:
+        """Deliver ``event`` to every subscriber and observer; an observer's failure is logged only.
+
+        ``timestamp`` (seconds since the epoch) is when it happened: now when None; a forwarded event
+        keeps the time its origin gave it."""
+        envelope = Envelope(time.time() if timestamp is None else timestamp, namespace, topic, event)
         with self._lock:
             subscriptions = list(self._subscriptions)
         for subscription in subscriptions:

@@ -291,6 +291,23 @@ def test_forward_dispatches_the_envelope_under_its_namespace_and_topic(exchanged
     assert raised.value.details().startswith('event envelope has invalid namespace: identifier "not valid" must match')
 
 
+def test_a_forwarded_event_keeps_the_time_its_origin_gave_it(exchanged: Any) -> None:
+    stub, exchange, _, _ = exchanged
+    subscription = exchange.subscribe()
+    try:
+        envelope = events_pb2.Envelope(
+            namespace="elsewhere",
+            topic="/containers/delete",
+            event=any_pb2.Any(type_url="containerd.events.ContainerDelete", value=b"\n\x02c9"),
+        )
+        envelope.timestamp.FromSeconds(1_600_000_000)
+        stub.Forward(events_pb2.ForwardRequest(envelope=envelope))
+        delivered = subscription.get(timeout=10)
+        assert delivered is not None and delivered.timestamp == 1_600_000_000
+    finally:
+        subscription.close()
+
+
 def test_stopping_ends_every_subscription(exchanged: Any) -> None:
     stub, exchange, _, service = exchanged
     streams = [subscribed(stub), subscribed(stub, "namespace==x")]

@@ -150,9 +150,10 @@ class EventsService:
                 except InvalidArgument as err:
                     raise InvalidArgument(f"event envelope has invalid namespace: {err}: invalid argument") from None
                 validate_topic(envelope.topic)
-                if datetime_of(envelope.timestamp) == EPOCH:
+                when = datetime_of(envelope.timestamp)
+                if when == EPOCH:
                     raise InvalidArgument("timestamp must be set on forwarded event: invalid argument")
-                exchange.publish(envelope.namespace, envelope.topic, message_of(envelope.event))
+                exchange.publish(envelope.namespace, envelope.topic, message_of(envelope.event), when.timestamp())
                 return empty_pb2.Empty()
 
             def Subscribe(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
