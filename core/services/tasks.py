@@ -23,7 +23,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
@@ -41,6 +41,7 @@ from core.runtime import CreateTaskRequest, ExitStatus, Metrics, Runtime, Stdio,
 from core.server import namespace_of
 from core.services._convert import timestamp
 from core.services.snapshots import mounts_of, mounts_pb
+from core.types import Mount
 
 if TYPE_CHECKING:
     from core.metadata.containers import Container, ContainerStore
@@ -61,10 +62,10 @@ def runtimes_by_name(records: Iterable[PluginRecord]) -> dict[str, Runtime]:
     names: dict[str, Runtime] = {}
     for record in records:
         if record.type == "runtime" and record.status is Status.OK:
-            aliases = record.exports.get("aliases", "").split(",")
+            aliases = (alias.strip() for alias in record.exports.get("aliases", "").split(","))
             for name in (record.id, *aliases):
-                if name.strip():
-                    names.setdefault(name.strip(), record.instance)  # type: ignore[arg-type]
+                if name:
+                    names.setdefault(name, cast(Runtime, record.instance))
     return names
 
 
@@ -204,9 +205,7 @@ class TasksService:
 
     def task(self, namespace: str, container_id: str) -> Task:
         """The task of container ``container_id``; NotFound for a missing container or task."""
-        return self._task_of(namespace, self._containers.get(namespace, container_id))
-
-    def _task_of(self, namespace: str, container: Container) -> Task:
+        container = self._containers.get(namespace, container_id)
         runtime = self.runtime(container.runtime_name)
         try:
             return runtime.get(namespace, container.id)
@@ -254,7 +253,7 @@ class TasksService:
         self._publish_create(namespace, task, request, rootfs, pid)
         return task, pid
 
-    def _snapshot_mounts(self, namespace: str, container: Container) -> list[Any]:
+    def _snapshot_mounts(self, namespace: str, container: Container) -> list[Mount]:
         """The mounts of the container's snapshot (none when it has no snapshot key)."""
         if not container.snapshot_key:
             return []
@@ -262,7 +261,7 @@ class TasksService:
             raise InvalidArgument("unable to resolve rootfs mounts without snapshotter on container: invalid argument")
         return self._snapshots.mounts(namespace, container.snapshotter, container.snapshot_key)
 
-    def _publish_create(self, namespace: str, task: Task, request: Any, rootfs: list[Any], pid: int) -> None:
+    def _publish_create(self, namespace: str, task: Task, request: Any, rootfs: list[Mount], pid: int) -> None:
         from core.api.containerd.events import task_pb2 as events_pb
 
         io = events_pb.TaskIO(
