@@ -746,3 +746,12 @@ def test_tasks_come_back_after_a_daemon_restart(make_daemon: Any, busybox: str) 
         place.wait_status("r1", "STOPPED")
         place.ctr("tasks", "rm", "r1")
         assert place.tasks() == {}
+
+
+@pytest.mark.integration
+@needs_tools
+def test_ctr_checkpoint_is_not_supported_and_leaves_the_task_running(place: Any) -> None:
+    place.ctr("run", "-d", place.image, "k1", "sleep", "300")
+    checkpoint = place.ctr("tasks", "checkpoint", "k1", check=False)
+    assert checkpoint.returncode != 0 and "checkpoint is not supported by containerkitd" in checkpoint.stderr
+    assert place.tasks()["k1"][1] == "RUNNING"
