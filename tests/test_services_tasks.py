@@ -706,10 +706,14 @@ def test_real_task_from_the_containers_snapshot_over_the_wire(place: Any, contai
             == 3
         )
 
+        limit = json_any(
+            {"memory": {"limit": 64 << 20}}, "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+        )
+        stub.Update(pb.UpdateTaskRequest(container_id="w1", resources=limit), metadata=metadata)
         (metric,) = stub.Metrics(pb.MetricsRequest(filters=["id==w1"]), metadata=metadata).metrics
         data = cgroups_pb.Metrics.FromString(metric.data.value)
         assert metric.data.type_url == "io.containerd.cgroups.v2.Metrics"
-        assert data.pids.current >= 1 and data.memory.usage > 0
+        assert data.pids.current >= 1 and data.memory.usage > 0 and data.memory.usage_limit == 64 << 20
 
         assert code_of(lambda: stub.Delete(pb.DeleteTaskRequest(container_id="w1"), metadata=metadata))[0] == (
             grpc.StatusCode.FAILED_PRECONDITION
