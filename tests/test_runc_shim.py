@@ -429,6 +429,30 @@ def test_wait_from_two_connections(make_shim: Any) -> None:
     assert len(results) == 2 and results[0] == results[1] and results[0]["exit_status"] == 137
 
 
+def test_delete_before_start(make_shim: Any) -> None:
+    shim = make_shim("sleep", "100")
+    shim.call("create", stdio={})
+    shim.call("start")
+    shim.call("exec", exec_id="never", process={"args": ["true"], **PROCESS}, stdio={})
+    waiter = Conn(shim.socket)
+    waiter.send("wait", exec_id="never")
+    time.sleep(0.2)  # the wait is pending in the shim
+    assert shim.call("delete", exec_id="never") == {"exit_status": 0, "exited_at": "", "pid": 0}
+    assert waiter.line() == {"result": {"exit_status": 0, "exited_at": ""}}
+    waiter.close()
+    shim.call("kill", signal=9)
+    shim.call("wait")
+    shim.call("delete")
+
+    unstarted = make_shim("sleep", "100")
+    pid = unstarted.call("create", stdio={})["pid"]
+    assert unstarted.call("delete")["pid"] == pid
+    with pytest.raises(CallError) as gone:
+        unstarted.call("state")
+    assert gone.value.code == "NotFound"
+    assert not Path(f"/proc/{pid}").exists()
+
+
 def test_exit_record_survives_the_shim(make_shim: Any) -> None:
     shim = make_shim("sh", "-c", "exit 9")
     shim.call("create", stdio={})
