@@ -222,7 +222,9 @@ def test_an_unknown_or_missing_snapshotter_is_invalid_argument(snapshots: Snapsh
 
 def test_a_namespace_holding_snapshots_cannot_be_deleted(store: MetadataStore, snapshots: SnapshotMetadata) -> None:
     snapshots.prepare("tenant", SN, "k")
-    with pytest.raises(FailedPrecondition, match=r'namespace "tenant" must be empty, but it still has snapshots'):
+    with pytest.raises(
+        FailedPrecondition, match=f'namespace "tenant" must be empty, but it still has snapshots on "{SN}" snapshotter$'
+    ):
         NamespaceStore(store).delete("tenant")
     snapshots.remove("tenant", SN, "k")
     NamespaceStore(store).delete("tenant")

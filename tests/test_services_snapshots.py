@@ -297,7 +297,9 @@ def test_a_namespace_with_snapshots_cannot_be_deleted(daemon: Any, stubs: Any) -
     snapshots, _ = stubs
     snapshots.Prepare(pb.PrepareSnapshotRequest(snapshotter=SN, key="k", labels=ROOT), metadata=ns("busy"))
     result = daemon.ctr("namespaces", "rm", "busy", check=False)
-    assert result.returncode != 0 and "must be empty, but it still has snapshots" in result.stderr
+    assert (
+        result.returncode != 0 and f'must be empty, but it still has snapshots on "{SN}" snapshotter' in result.stderr
+    )
     snapshots.Remove(pb.RemoveSnapshotRequest(snapshotter=SN, key="k"), metadata=ns("busy"))
     daemon.ctr("namespaces", "rm", "busy")
 

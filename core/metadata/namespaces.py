@@ -124,12 +124,9 @@ class NamespaceStore:
             if not _exists(conn, name):
                 raise NotFound(f'namespace "{name}": not found')
             in_use = [
-                table
+                description
                 for table, column in _protecting_references(conn)
-                if conn.execute(
-                    f"SELECT 1 FROM {_quote_identifier(table)} WHERE {_quote_identifier(column)} = ? LIMIT 1",
-                    (name,),
-                ).fetchone()
+                for description in _holdings(conn, table, column, name)
             ]
             if in_use:
                 raise FailedPrecondition(
@@ -172,17 +169,33 @@ def _set_label(conn: sqlite3.Connection, name: str, key: str, value: str) -> Non
         )
 
 
+_CONTAINERD_ORDER = ("images", "blobs", "containers", "snapshots")
+"""The tables containerd names in its "must be empty" message, in its order; others follow."""
+
+
 def _protecting_references(conn: sqlite3.Connection) -> list[tuple[str, str]]:
     """``(table, column)`` of every foreign key to ``namespaces`` that is not ``ON DELETE CASCADE``.
 
-    In order of table creation, so messages list older components first.
+    containerd's tables first, in its order, then the others in order of table creation.
     """
     rows = conn.execute(
         'SELECT m.name, f."from" FROM sqlite_master AS m, pragma_foreign_key_list(m.name) AS f'
         " WHERE m.type = 'table' AND f.\"table\" = 'namespaces' COLLATE NOCASE"
         " AND upper(f.on_delete) <> 'CASCADE' ORDER BY m.rowid, f.id"
     ).fetchall()
-    return [(str(table), str(column)) for table, column in rows]
+    references = [(str(table), str(column)) for table, column in rows]
+    rank = {table: position for position, table in enumerate(_CONTAINERD_ORDER)}
+    return sorted(references, key=lambda reference: rank.get(reference[0], len(rank)))  # stable: creation order
+
+
+def _holdings(conn: sqlite3.Connection, table: str, column: str, namespace: str) -> list[str]:
+    """How the "must be empty" message names what ``table`` holds for ``namespace``: ``[table]`` if
+    anything, snapshots per snapshotter as containerd (``snapshots on "overlayfs" snapshotter``)."""
+    quoted = f"{_quote_identifier(table)} WHERE {_quote_identifier(column)} = ?"
+    if table == "snapshots":
+        snapshotters = conn.execute(f"SELECT DISTINCT snapshotter FROM {quoted} ORDER BY snapshotter", (namespace,))
+        return [f'snapshots on "{snapshotter}" snapshotter' for (snapshotter,) in snapshotters]
+    return [table] if conn.execute(f"SELECT 1 FROM {quoted} LIMIT 1", (namespace,)).fetchone() else []
 
 
 def _quote_identifier(identifier: str) -> str:
