@@ -359,14 +359,16 @@ class Shim:
             reader, fds[1] = os.pipe()
         actions = [(os.POSIX_SPAWN_DUP2, fd, n) for n, fd in enumerate(fds)]
         try:
-            pid = os.posix_spawnp(
-                self.binary,
-                argv,
-                os.environ,
-                file_actions=actions,
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-                setsigmask=(),
-            )
+            with self.cond:  # the reaper stores the new child's exit only after the stale entry of its pid is gone
+                pid = os.posix_spawnp(
+                    self.binary,
+                    argv,
+                    os.environ,
+                    file_actions=actions,
+                    setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+                    setsigmask=(),
+                )
+                self.unclaimed.pop(pid, None)
         except OSError as err:
             if capture:
                 os.close(reader)
