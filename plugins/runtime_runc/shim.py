@@ -2,7 +2,7 @@
 
 Run as ``python3 -S -I shim.py --namespace NS --id ID --bundle DIR --socket SOCK --binary runc
 --runc-root ROOT [--log FILE]``. Standalone and stdlib-only (it imports nothing from containerkit) so that
-it starts fast and stays small. The process detaches (double fork; the parent exits 0 once the socket
+it starts fast and stays small. The process detaches (it forks; the parent exits 0 once the socket
 listens), writes ``<bundle>/shim.pid``, becomes a child subreaper and reaps every child.
 
 Each request line ``{"method": M, "params": {...}}`` gets one line ``{"result": R}`` or ``{"error":
@@ -22,7 +22,10 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # importing typing would cost 0.7 MB of RSS; annotations are never evaluated here
+    from typing import Any
 
 CHUNK = 65536
 
@@ -781,7 +784,6 @@ class Shim:
         server.listen(128)
         os.write(ready, b"1")
         os.close(ready)
-        libc.malloc_trim(0)  # hand the memory of compiling this script back (about 1 MB of RSS)
         while True:
             conn, _ = server.accept()
             threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
