@@ -332,7 +332,7 @@ def footprint(daemon: Any, namespace: str) -> dict[str, Any]:
     cgroups = sorted(str(path) for path in Path("/sys/fs/cgroup").glob(f"*/{namespace}/*") if path.is_dir())
     return {
         "mounts": [point for point in _daemons.mount_points() if point.startswith(str(daemon.dir))],
-        "shims": processes_naming(str(daemon.state)),
+        "shims": [pid for pid in processes_naming(str(daemon.state)) if pid != daemon.process.pid],
         "bundles": sorted(str(path) for path in daemon.state.rglob(f"{namespace}/*")),
         "cgroups": cgroups,
         "fds": len(os.listdir(f"/proc/{daemon.process.pid}/fd")),
