@@ -351,6 +351,11 @@ def test_kill_all_pause_resume_pids_stats_update(make_shim: Any) -> None:
     assert stats["pids"]["current"] == 3
     assert stats["memory"]["usage"]["usage"] > 0
     assert stats["cpu"]["usage"]["total"] > 0
+    command = ["runc", "--root", str(shim.root), "events", "--stats", shim.id]
+    runc = json.loads(subprocess.run(command, capture_output=True, check=True).stdout)["data"]
+    assert stats["pids"] == {"current": 3, "limit": runc["pids"].get("limit", 0)}
+    assert stats["memory"]["usage"]["limit"] == runc["memory"]["usage"]["limit"]
+    assert sorted(stats["memory"]["raw"]) == sorted(runc["memory"]["raw"])
     shim.call("update", resources={"pids": {"limit": 50}})
     assert shim.call("stats")["pids"]["limit"] == 50
     events = Conn(shim.socket)

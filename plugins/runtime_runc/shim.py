@@ -149,10 +149,10 @@ def cgroup_table(directory: str | None, name: str) -> dict[str, int]:
     return {k: int(v) for k, v in (line.split() for line in cgroup_read(directory, name).splitlines())}
 
 
-def cgroup_number(directory: str | None, name: str) -> int:
-    """A single-value cgroup file; "max" and absurd v1 "no limit" values as 2**64 - 1."""
+def cgroup_number(directory: str | None, name: str, unlimited: int = 2**64 - 1) -> int:
+    """A single-value cgroup file, "max" as ``unlimited`` (runc: 2**64 - 1 for memory, 0 for pids)."""
     value = cgroup_read(directory, name)
-    return 2**64 - 1 if value == "max" else int(value or 0)
+    return unlimited if value == "max" else int(value or 0)
 
 
 def cgroup_stats(dirs: dict[str, str]) -> dict[str, Any]:
@@ -202,7 +202,7 @@ def cgroup_stats(dirs: dict[str, str]) -> dict[str, Any]:
             },
         },
         "memory": {"cache": cache, "usage": mem, "swap": swap, "raw": memory},
-        "pids": {"current": cgroup_number(pids, "pids.current"), "limit": cgroup_number(pids, "pids.max")},
+        "pids": {"current": cgroup_number(pids, "pids.current"), "limit": cgroup_number(pids, "pids.max", 0)},
     }
 
 
