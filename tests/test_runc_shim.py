@@ -317,6 +317,31 @@ def test_exec_processes(make_shim: Any) -> None:
     assert "nosuch-in-exec" in missing.value.message
 
 
+def test_exec_cycles_leak_no_fds_or_threads(make_shim: Any) -> None:
+    shim = make_shim("sleep", "100")
+    shim.call("create", stdio={})
+    shim.call("start")
+
+    def usage() -> tuple[int, int]:
+        threads = int(Path(f"/proc/{shim.pid}/status").read_text().split("Threads:")[1].split()[0])
+        return len(os.listdir(f"/proc/{shim.pid}/fd")), threads
+
+    before = usage()
+    for n in range(10):
+        stdin_path, out_path = shim.base / f"in{n}", shim.base / f"out{n}"
+        os.mkfifo(stdin_path)
+        out = fifo(out_path)
+        stdio = {"stdin": str(stdin_path), "stdout": str(out_path), "stderr": str(out_path), "terminal": n % 2 == 1}
+        shim.call("exec", exec_id=f"c{n}", process={"args": ["cat"], **PROCESS}, stdio=stdio)
+        shim.call("start", exec_id=f"c{n}")
+        shim.call("kill", exec_id=f"c{n}", signal=9)
+        assert shim.call("wait", exec_id=f"c{n}")["exit_status"] == 137
+        shim.call("delete", exec_id=f"c{n}")
+        read_all(out)
+    time.sleep(0.2)
+    assert usage() == before
+
+
 def test_stdin_and_close_io(make_shim: Any) -> None:
     shim = make_shim("cat")
     stdin_path, out_path = shim.base / "in", shim.base / "out"
