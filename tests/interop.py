@@ -7,12 +7,14 @@ anything mounted under those temp dirs is unmounted before they are removed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import re
 import select
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -229,6 +231,30 @@ def image_place(daemon: Daemon, image: str, namespace: str) -> Iterator[Place]:
         yield Place(daemon, namespace, image)
     finally:
         remove_containers(daemon, namespace)
+
+
+def processes_naming(text: str) -> list[int]:
+    """Pids of the other processes whose command line holds ``text`` (a daemon's dir names its shims)."""
+    wanted = text.encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                if wanted in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def kill_leftovers(directory: Path) -> None:
+    """After a daemon on ``directory`` stopped: SIGKILL (by pid) every process naming ``directory`` (its shims)
+    and their descendants (their containers), then unmount whatever is still mounted under it."""
+    for pid in processes_naming(str(directory)):
+        for member in _daemons.process_tree(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(member, signal.SIGKILL)
+    _daemons.unmount_under(directory)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ kills a daemon or a shim SIGKILLs by pid whatever of its own might still run and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -24,7 +23,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import any_pb2, field_mask_pb2
-from interop import Daemon, Place, _daemons, busybox_image, image_place
+from interop import Daemon, Place, _daemons, busybox_image, image_place, kill_leftovers, processes_naming
 
 from core.api.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
 from core.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
@@ -59,29 +58,7 @@ def own(make_daemon: Any) -> Iterator[Any]:
     daemon = make_daemon()
     yield daemon
     daemon.stop()
-    for pid in processes_naming(str(daemon.dir)):
-        for member in _daemons.process_tree(pid):
-            kill_quietly(member)
-    _daemons.unmount_under(daemon.dir)
-
-
-def kill_quietly(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
-def processes_naming(text: str) -> list[int]:
-    """Pids of the other processes whose command line holds ``text`` (a daemon's dir: its shims)."""
-    wanted = text.encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                if wanted in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
+    kill_leftovers(daemon.dir)
 
 
 def running(pid: int) -> bool:
