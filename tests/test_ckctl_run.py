@@ -107,6 +107,8 @@ def place(request: pytest.FixtureRequest, containerkitd: RunningDaemon, images: 
     place = Place(containerkitd, f"run-{namespace}", images)
     yield place
     place.clean()
+    for parent in Path("/sys/fs/cgroup").glob(f"*/{place.namespace}"):  # runc removes each container's only
+        parent.rmdir()
 
 
 def assert_nothing_left(place: Place) -> None:
@@ -169,6 +171,15 @@ def test_detached_then_tasks_verbs(place: Place) -> None:
 
     execd = place.ckctl("tasks", "exec", "--exec-id", "e1", "d1", "sh", "-c", "echo in there; exit 3", check=False)
     assert (execd.returncode, execd.stdout) == (3, "in there\n")
+    place.ckctl("tasks", "exec", "-d", "--exec-id", "e2", "d1", "sleep", "1000")
+    assert "e2" in [p["exec_id"] for p in place.json("tasks", "ps", "d1")]
+    place.ckctl("tasks", "kill", "--exec-id", "e2", "-s", "9", "d1")
+    place.ckctl("tasks", "rm", "-f", "--exec-id", "e2", "d1")
+    assert [p["exec_id"] for p in place.json("tasks", "ps", "d1")] == [""]
+
+    metrics = json.loads(place.ckctl("tasks", "metrics", "--format", "json", "d1").stdout)
+    assert metrics["pids"]["current"] >= 1
+    assert "pids.current" in place.ckctl("tasks", "metrics", "d1").stdout
 
     place.ckctl("tasks", "kill", "-s", "KILL", "d1")
     place.wait_status("d1", "STOPPED")
@@ -205,24 +216,45 @@ def test_sigterm_is_forwarded_to_the_container(place: Place) -> None:
     assert_nothing_left(place)
 
 
-def test_tty_under_a_pty(place: Place) -> None:
-    script = "stty size; read line; echo got $line; tty"
+def test_tty_under_a_pty(place: Place, tmp_path: Path) -> None:
+    """The container's terminal has ckctl's size from the start and follows it (SIGWINCH), typed input
+    reaches it, and ckctl's terminal is itself again afterwards."""
+    resized = 'until [ "$(stty size)" = "40 120" ]; do sleep 0.05; done; echo resized'
+    script = f"stty size; read line; echo got $line; {resized}; tty"
     pid, master = pty.fork()
-    if pid == 0:  # the child: ckctl with the pty as its terminal
-        termios.tcsetwinsize(0, (33, 101))
-        os.execv(CKCTL[0], [*CKCTL, "-a", place.daemon.address, "-n", place.namespace,
-                            "run", "--rm", "-t", place.busybox, "t1", "sh", "-c", script])  # fmt: skip
+    if pid == 0:  # the child: ckctl with the pty as its terminal (its FIFOs here, should it be killed)
+        try:
+            termios.tcsetwinsize(0, (33, 101))
+            os.environ["TMPDIR"] = str(tmp_path)
+            os.execv(CKCTL[0], [*CKCTL, "-a", place.daemon.address, "-n", place.namespace,
+                                "run", "--rm", "-t", place.busybox, "t1", "sh", "-c", script])  # fmt: skip
+        finally:
+            os._exit(127)
     try:
         output = _read_until(master, b"33 101", pid)
         os.write(master, b"hello\r")
+        output += _read_until(master, b"got hello", pid)
+        termios.tcsetwinsize(master, (40, 120))  # the kernel tells ckctl, the foreground process, by SIGWINCH
         output += _read_until(master, None, pid)
+        after = termios.tcgetattr(master)
         _, status = os.waitpid(pid, 0)
     finally:
         os.close(master)
     text = output.decode(errors="replace").replace("\r", "")
-    assert "33 101\n" in text and "got hello\n" in text and "/dev/pts/" in text
+    assert "33 101\n" in text and "got hello\n" in text and "resized\n/dev/pts/" in text
     assert os.waitstatus_to_exitcode(status) == 0
+    assert after == _fresh_terminal_modes()  # raw mode undone
     assert_nothing_left(place)
+
+
+def _fresh_terminal_modes() -> list[Any]:
+    """The termios modes a new pty starts with (as pty.fork's was before ckctl made it raw)."""
+    master, slave = os.openpty()
+    try:
+        return termios.tcgetattr(slave)
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 def _read_until(master: int, wanted: bytes | None, pid: int) -> bytes:

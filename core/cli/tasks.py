@@ -125,6 +125,28 @@ def call_with(
         return method(request, metadata=content_cli._metadata(client, lease), timeout=timeout)
 
 
+def unpack_any(value: Any, message: Any) -> bool:
+    """Decode the ``google.protobuf.Any`` ``value`` into ``message`` when it holds that type; containerd's
+    type URLs are often the bare type name, which ``Any.Unpack`` does not accept."""
+    if value.type_url.rpartition("/")[2] != message.DESCRIPTOR.full_name:
+        return False
+    message.ParseFromString(value.value)
+    return True
+
+
+def message_record(message: Any) -> dict[str, Any]:
+    """The fields a protobuf ``message`` has set, by name, numbers as numbers (as ctr prints metrics)."""
+    record = {}
+    for field, value in message.ListFields():
+        repeated = field.is_repeated
+        if field.type == field.TYPE_MESSAGE:
+            value = [message_record(item) for item in value] if repeated else message_record(value)
+        elif repeated:
+            value = list(value)
+        record[field.name] = value
+    return record
+
+
 def task_record(process: Any) -> dict[str, Any]:
     """A ``containerd.v1.types.Process`` as ``ls --json`` prints it."""
     from core.api.containerd.types.task import task_pb2
@@ -157,7 +179,7 @@ def list_processes(client: Client, args: argparse.Namespace) -> int:
     processes = []
     for info in client.call(_stub(client).ListPids, pb.ListPidsRequest(container_id=args.id)).processes:
         details = options_pb2.ProcessDetails()
-        processes.append({"pid": info.pid, "exec_id": details.exec_id if info.info.Unpack(details) else ""})
+        processes.append({"pid": info.pid, "exec_id": details.exec_id if unpack_any(info.info, details) else ""})
     if args.json:
         print_json(processes)
     else:
@@ -181,8 +203,6 @@ def resume_task(client: Client, args: argparse.Namespace) -> int:
 
 def show_metrics(client: Client, args: argparse.Namespace) -> int:
     """As ``ctr tasks metrics``: the cgroup v2 sample as a METRIC VALUE table or as JSON."""
-    from google.protobuf import json_format
-
     from core.api.containerd.cgroups.v2 import metrics_pb2
     from core.api.containerd.services.tasks.v1 import tasks_pb2 as pb
     from core.cli.records import timestamp_text
@@ -193,10 +213,10 @@ def show_metrics(client: Client, args: argparse.Namespace) -> int:
         raise CliError(f"no metrics for task {args.id!r}")
     metric = found[0]
     data = metrics_pb2.Metrics()
-    if not metric.data.Unpack(data):
+    if not unpack_any(metric.data, data):
         raise CliError(f"cannot decode metrics of type {metric.data.type_url!r}")
     if args.format == "json":
-        print_json(json_format.MessageToDict(data, preserving_proto_field_name=True))
+        print_json(message_record(data))
         return 0
     print_table(("ID", "TIMESTAMP"), [(metric.id, timestamp_text(metric.timestamp))])
     print()
