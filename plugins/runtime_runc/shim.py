@@ -234,6 +234,7 @@ class Process:
         }
 
     def spawn(self, target: Any, *args: Any) -> None:
+        """Run ``target(*args)`` on a copier thread of this process."""
         thread = threading.Thread(target=target, args=args, daemon=True)
         thread.start()
         self.threads.append(thread)
@@ -277,9 +278,10 @@ class Shim:
                     os.read(wake, 4096)
                     self.reap()
                 else:
-                    self.check_oom(fd)
+                    self.check_oom()
 
     def reap(self) -> None:
+        """Collect every exited child: a claimed process's exit is handled, any other one kept for its claimant."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -462,6 +464,7 @@ class Shim:
     # -- events ---------------------------------------------------------------------------------------
 
     def publish(self, event: dict[str, Any]) -> None:
+        """Send ``event`` as a line to every ``events`` connection; dropped connections are forgotten."""
         line = (json.dumps(event) + "\n").encode()
         with self.cond:
             subscribers = list(self.subscribers)
@@ -477,21 +480,29 @@ class Shim:
         """Get woken by the kernel on OOM kills in the task's memory cgroup: cgroup2 ``memory.events``
         polls with POLLPRI on change; v1 ``memory.oom_control`` signals an eventfd registered in
         ``cgroup.event_control``."""
+        opened: list[int] = []
         try:
             if "memory" in self.cgroups:
-                counter = os.open(os.path.join(self.cgroups["memory"], "memory.oom_control"), os.O_RDONLY)
-                event = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                opened.append(os.open(os.path.join(self.cgroups["memory"], "memory.oom_control"), os.O_RDONLY))
+                opened.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+                counter, event = opened
                 with open(os.path.join(self.cgroups["memory"], "cgroup.event_control"), "w") as f:
                     f.write(f"{event} {counter}")
                 self.epoll.register(event, select.EPOLLIN)
-            else:
-                counter = event = os.open(os.path.join(self.cgroups[""], "memory.events"), os.O_RDONLY)
+            elif "" in self.cgroups:
+                opened.append(os.open(os.path.join(self.cgroups[""], "memory.events"), os.O_RDONLY))
+                counter = event = opened[0]
                 self.epoll.register(event, select.EPOLLPRI | select.EPOLLERR)
-        except (OSError, KeyError):
+            else:
+                return
+        except OSError:
+            for fd in opened:
+                os.close(fd)
             return
         self.oom_fds = (event, counter)
 
-    def check_oom(self, fd: int) -> None:
+    def check_oom(self) -> None:
+        """Publish ``/tasks/oom`` when the memory cgroup's oom_kill count grew."""
         event, counter = self.oom_fds
         try:
             if event != counter:
@@ -508,6 +519,7 @@ class Shim:
     # -- methods --------------------------------------------------------------------------------------
 
     def process(self, params: dict[str, Any]) -> Process:
+        """The process ``params["exec_id"]`` names ("" or missing: init). NotFound if there is none."""
         exec_id = params.get("exec_id") or ""
         proc = self.procs.get(exec_id)
         if proc is None:
@@ -515,9 +527,11 @@ class Shim:
         return proc
 
     def init(self) -> Process:
+        """The init process. NotFound before ``create`` and after ``delete``."""
         return self.process({})
 
     def do_create(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``runc create`` the container with ``params["stdio"]``; its init process is left created."""
         with self.cond:
             if "" in self.procs or self.deleted:
                 raise ShimError("AlreadyExists", f"task {self.id} already created")
@@ -536,6 +550,7 @@ class Shim:
         return {"pid": proc.pid}
 
     def do_start(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Start the created init (``runc start``) or exec process (``runc exec --detach``)."""
         proc = self.process(params)
         init = self.init()
         with self.cond:
@@ -568,6 +583,7 @@ class Shim:
         return {"pid": proc.pid}
 
     def do_exec(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Add exec process ``exec_id`` (OCI ``process``, ``stdio``), created; ``start`` runs it."""
         exec_id = params.get("exec_id") or ""
         spec = params.get("process")
         if not exec_id or "/" in exec_id or exec_id == "init" or not isinstance(spec, dict):
@@ -582,10 +598,12 @@ class Shim:
         return {}
 
     def do_state(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The process's pid, status, exit and stdio."""
         with self.cond:
             return self.process(params).state()
 
     def do_wait(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Block until the process has exited; its exit status and time."""
         proc = self.process(params)
         with self.cond:
             while proc.exit is None:
@@ -593,6 +611,7 @@ class Shim:
             return {k: proc.exit[k] for k in ("exit_status", "exited_at")}
 
     def do_kill(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Signal the process, or with ``all`` every process of the container. NotFound once it has exited."""
         proc = self.process(params)
         sig, all = int(params.get("signal", signal.SIGTERM)), bool(params.get("all"))
         if proc.exec_id:
@@ -615,6 +634,7 @@ class Shim:
         return {}
 
     def pause_resume(self, command: str, before: str, after: str) -> dict[str, Any]:
+        """Run ``runc pause``/``resume`` when the init is ``before``; it is ``after`` then."""
         init = self.init()
         with self.cond:
             if init.status != before:
@@ -626,18 +646,22 @@ class Shim:
         return {}
 
     def fail_as(self, code: str, *args: str, capture: bool = False) -> str:
+        """:meth:`runc`, its failure reported with ``code``."""
         try:
             return self.runc(*args, capture=capture)
         except ShimError as err:
             raise ShimError(code, str(err)) from None
 
     def do_pause(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Freeze the running container."""
         return self.pause_resume("pause", "running", "paused")
 
     def do_resume(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Thaw the paused container."""
         return self.pause_resume("resume", "paused", "running")
 
     def do_pids(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The container's processes (``runc ps``), exec processes' main pids with their exec id."""
         if self.init().exit is not None:
             return {"pids": []}
         pids = json.loads(self.fail_as("FailedPrecondition", "ps", "--format", "json", self.id, capture=True) or "[]")
@@ -646,6 +670,7 @@ class Shim:
         return {"pids": [{"pid": pid, "exec_id": execs.get(pid, "")} for pid in pids or ()]}
 
     def do_resize(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Set the size of the process's terminal. FailedPrecondition without one."""
         import fcntl
         import struct
         import termios
@@ -658,16 +683,19 @@ class Shim:
         return {}
 
     def do_close_io(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Close the process's stdin once what was written to it is passed on."""
         self.process(params).close_stdin()
         return {}
 
     def running_init(self) -> Process:
+        """The init process; FailedPrecondition unless it is running or paused."""
         init = self.init()
         if init.exit is not None or init.status == "created":
             raise ShimError("FailedPrecondition", f"task {self.id} is {init.status}")
         return init
 
     def do_update(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Apply OCI ``linux.resources`` to the running container (``runc update --resources``)."""
         self.running_init()
         path = os.path.join(self.bundle, ".resources.json")
         with open(path, "w") as f:
@@ -685,6 +713,7 @@ class Shim:
         return cgroup_stats(self.cgroups)
 
     def do_delete(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Forget a process that is not running; for the init also ``runc delete`` the container."""
         proc = self.process(params)
         with self.cond:
             if proc.status in ("running", "paused", "starting"):
@@ -716,6 +745,7 @@ class Shim:
         return {"exit_status": proc.exit["exit_status"], "exited_at": proc.exit["exited_at"], "pid": proc.pid}
 
     def do_ping(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The shim's pid."""
         return {"pid": os.getpid()}
 
     # -- serving --------------------------------------------------------------------------------------
@@ -757,6 +787,7 @@ class Shim:
                     return
 
     def exit_now(self) -> None:
+        """Remove the socket and exit at once."""
         with contextlib.suppress(OSError):
             os.unlink(self.socket_path)
         os._exit(0)
