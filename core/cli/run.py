@@ -18,7 +18,7 @@ import os
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.cli import containers as containers_cli
 from core.cli import content as content_cli
@@ -29,6 +29,9 @@ from core.cli import tasks as tasks_cli
 from core.cli.client import Client, CliError
 from core.errors import ContainerkitError
 from core.types import Mount
+
+if TYPE_CHECKING:
+    from core.oci import ImageConfig
 
 DEFAULT_RUNTIME = "io.containerd.runc.v2"
 LEASE_EXPIRY = "24h"  # as containerd's client leases: long enough for any run, collected if ckctl dies
@@ -63,6 +66,7 @@ def add_commands(commands: Any) -> None:
 
 
 def run_container(client: Client, args: argparse.Namespace) -> int:
+    """As ``ctr run`` (see the module doc); the container's exit status when attached, else 0."""
     from core import oci_spec
 
     if args.rm and args.detach:
@@ -85,7 +89,7 @@ def run_container(client: Client, args: argparse.Namespace) -> int:
                 containers_cli._remove(client, args.id, keep_snapshot=False)
 
 
-def _image_config(client: Client, name: str, platform: str) -> Any:
+def _image_config(client: Client, name: str, platform: str) -> ImageConfig:
     """The :class:`~core.oci.ImageConfig` of image ``name`` for ``platform`` ("" the host's), read from the
     content store."""
     from core import oci
@@ -108,7 +112,7 @@ def _image_config(client: Client, name: str, platform: str) -> Any:
 
 
 def _create_container(
-    client: Client, args: argparse.Namespace, chain_id: str, config: Any, mounts: Sequence[dict[str, Any]]
+    client: Client, args: argparse.Namespace, chain_id: str, config: ImageConfig, mounts: Sequence[dict[str, Any]]
 ) -> None:
     """Prepare the snapshot ``args.id`` on ``chain_id`` and create the container with the spec for ``config``,
     both under a lease of their own (deleted after); the snapshot is removed again if the container is not
@@ -150,7 +154,11 @@ def _create_container(
 
 
 def _spec(
-    client: Client, args: argparse.Namespace, config: Any, mounts: Sequence[dict[str, Any]], rootfs: Sequence[Mount]
+    client: Client,
+    args: argparse.Namespace,
+    config: ImageConfig,
+    mounts: Sequence[dict[str, Any]],
+    rootfs: Sequence[Mount],
 ) -> dict[str, Any]:
     """The container's OCI spec; the rootfs is mounted for the while when the user needs looking up."""
     from core import oci_spec

@@ -34,7 +34,7 @@ TASK_COLUMNS = {
     "STATUS": lambda task: task["status"],
 }
 FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-"""What ``run`` and ``exec`` pass on to the process they attached to (as ctr, minus the ones a terminal needs)."""
+"""What ``run`` and ``exec`` pass on to the process they attached to (ctr passes every catchable signal)."""
 OUTPUT_GRACE_SECONDS = 2.0
 """How long output may keep arriving once the process exited (its last writes travel through the shim)."""
 METRICS = (
