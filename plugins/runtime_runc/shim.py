@@ -351,12 +351,13 @@ class Shim:
     # -- runc -----------------------------------------------------------------------------------------
 
     def runc(self, *args: str, stdio: tuple[int, int, int] | None = None, capture: bool = False) -> str:
-        """Run ``BINARY --root R --log L --log-format json ARGS`` with ``stdio`` (default /dev/null) and return
+        """Run ``BINARY [--root R] --log L --log-format json ARGS`` with ``stdio`` (default /dev/null) and return
         its standard output if ``capture``. A failure raises InvalidArgument with the runtime's own error."""
         with self.cond:
             self.counter += 1
             log = os.path.join(self.bundle, f".runc-{self.counter}.log")
-        argv = [self.binary, "--root", self.root, "--log", log, "--log-format", "json", *args]
+        root = ["--root", self.root] if self.root else []
+        argv = [self.binary, *root, "--log", log, "--log-format", "json", *args]
         null = os.open(os.devnull, os.O_RDWR)
         fds = list(stdio or (null, null, null))
         reader = -1
