@@ -221,15 +221,7 @@ def test_tty_under_a_pty(place: Place, tmp_path: Path) -> None:
     reaches it, and ckctl's terminal is itself again afterwards."""
     resized = 'until [ "$(stty size)" = "40 120" ]; do sleep 0.05; done; echo resized'
     script = f"stty size; read line; echo got $line; {resized}; tty"
-    pid, master = pty.fork()
-    if pid == 0:  # the child: ckctl with the pty as its terminal (its FIFOs here, should it be killed)
-        try:
-            termios.tcsetwinsize(0, (33, 101))
-            os.environ["TMPDIR"] = str(tmp_path)
-            os.execv(CKCTL[0], [*CKCTL, "-a", place.daemon.address, "-n", place.namespace,
-                                "run", "--rm", "-t", place.busybox, "t1", "sh", "-c", script])  # fmt: skip
-        finally:
-            os._exit(127)
+    pid, master = ckctl_in_pty(place, tmp_path, "run", "--rm", "-t", place.busybox, "t1", "sh", "-c", script)
     try:
         output = _read_until(master, b"33 101", pid)
         os.write(master, b"hello\r")
@@ -245,6 +237,34 @@ def test_tty_under_a_pty(place: Place, tmp_path: Path) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert after == _fresh_terminal_modes()  # raw mode undone
     assert_nothing_left(place)
+
+
+def test_exec_with_a_tty(place: Place, tmp_path: Path) -> None:
+    place.ckctl("run", "-d", place.busybox, "x1", "sleep", "1000")
+    command = ("tasks", "exec", "-t", "--exec-id", "sh", "x1", "sh", "-c", "stty size; tty")
+    pid, master = ckctl_in_pty(place, tmp_path, *command)
+    try:
+        output = _read_until(master, None, pid)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(master)
+    assert output.replace(b"\r", b"").startswith(b"33 101\n/dev/pts/")
+    assert os.waitstatus_to_exitcode(status) == 0
+    place.ckctl("tasks", "exec", "--exec-id", "sh", "x1", "true")  # the id is free again: the process was deleted
+
+
+def ckctl_in_pty(place: Place, tmp_path: Path, *args: str) -> tuple[int, int]:
+    """``ckctl ARGS`` started with a new 33x101 pty as its terminal; its pid and the pty's master side. Its
+    FIFOs go under ``tmp_path``, should it be killed."""
+    pid, master = pty.fork()
+    if pid == 0:
+        try:
+            termios.tcsetwinsize(0, (33, 101))
+            os.environ["TMPDIR"] = str(tmp_path)
+            os.execv(CKCTL[0], [*place.argv, *args])
+        finally:
+            os._exit(127)
+    return pid, master
 
 
 def _fresh_terminal_modes() -> list[Any]:
