@@ -457,7 +457,8 @@ class Shim:
         finally:
             if listener is not None:
                 listener.close()
-                os.unlink(console_path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(console_path)
             for fd in done:
                 if fd >= 0:
                     os.close(fd)
