@@ -123,6 +123,12 @@ def test_run_prints_output_and_passes_the_exit_code(place: Place) -> None:
     assert_nothing_left(place)
 
 
+def test_all_output_arrives_before_ckctl_exits(place: Place) -> None:
+    result = place.ckctl("run", "--rm", place.busybox, "big", "sh", "-c", "seq 1 200000; seq 1 1000 >&2")
+    assert result.stdout.splitlines() == [str(n) for n in range(1, 200001)]
+    assert result.stderr.splitlines() == [str(n) for n in range(1, 1001)]
+
+
 def test_run_without_rm_keeps_the_container_and_snapshot_not_the_task(place: Place) -> None:
     assert place.ckctl("run", place.busybox, "kept", "true").stdout == ""
     assert place.containers() == ["kept"]
@@ -197,8 +203,9 @@ def test_tasks_rm_force_kills_a_running_task(place: Place) -> None:
     assert place.tasks() == {}
 
 
-def test_sigterm_is_forwarded_to_the_container(place: Place) -> None:
-    script = 'trap "echo got TERM; exit 42" TERM; echo ready; while true; do sleep 0.05; done'
+@pytest.mark.parametrize("name", ["TERM", "INT"])
+def test_signals_are_forwarded_to_the_container(place: Place, name: str) -> None:
+    script = f'trap "echo got {name}; exit 42" {name}; echo ready; while true; do sleep 0.05; done'
     proc = subprocess.Popen(
         [*place.argv, "run", "--rm", place.busybox, "s1", "sh", "-c", script],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -206,13 +213,13 @@ def test_sigterm_is_forwarded_to_the_container(place: Place) -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"ready\n"
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.Signals[f"SIG{name}"])
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert (proc.returncode, out, err) == (42, b"got TERM\n", b"")
+    assert (proc.returncode, out, err) == (42, f"got {name}\n".encode(), b"")
     assert_nothing_left(place)
 
 
