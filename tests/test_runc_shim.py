@@ -240,6 +240,8 @@ def read_all(fd: int, timeout: float = 10) -> bytes:
 
 def test_echo_through_fifo_and_file(make_shim: Any) -> None:
     shim = make_shim("sh", "-c", "echo hi; echo err >&2; exit 3")
+    assert shim.call("ping") == {"pid": shim.pid}
+    assert os.stat(shim.socket).st_mode & 0o777 == 0o600
     out = fifo(shim.base / "out")
     stdio = {"stdout": str(shim.base / "out"), "stderr": f"file://{shim.base}/logs/err.log", "stdin": ""}
     with pytest.raises(CallError) as refused:
