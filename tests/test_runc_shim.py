@@ -407,8 +407,12 @@ def test_oom_event(make_shim: Any) -> None:
     assert topics == ["/tasks/oom", "/tasks/exit"]
 
 
-def test_terminal(make_shim: Any) -> None:
-    shim = make_shim("sh", "-c", "sleep 0.3; stty size; tty; echo term-ok", terminal=True)
+@pytest.mark.parametrize("binary", ["runc", "crun"])
+def test_terminal(make_shim: Any, binary: str, request: pytest.FixtureRequest) -> None:
+    wrapper = request.getfixturevalue("crun_wrap") if binary == "crun" else []
+    shim = make_shim(
+        "sh", "-c", "sleep 0.3; stty size; tty; echo term-ok", terminal=True, binary=binary, wrapper=wrapper
+    )
     out = fifo(shim.base / "out")
     shim.call("create", stdio={"stdout": str(shim.base / "out"), "terminal": True})
     shim.call("resize", width=100, height=30)
