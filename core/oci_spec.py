@@ -36,7 +36,6 @@ __all__ = [
     "default_spec",
     "host_rlimits",
     "merge_env",
-    "needs_rootfs",
     "parse_mount",
     "resolve_user",
     "spec_from_image",
@@ -187,7 +186,7 @@ def spec_from_image(
     overridden by ``args`` (replacing the cmd), ``env`` (``K=V`` set, a bare ``K`` unset), ``cwd`` and
     ``user`` (else the image's); ``mounts`` (OCI mount objects, see :func:`parse_mount`) are appended
     and ``terminal`` adds ``TERM=xterm``. ``rootfs`` is the image's root filesystem, for the user's
-    lookup in /etc/passwd and /etc/group (None: nothing to look up in, see :func:`needs_rootfs`).
+    lookup in /etc/passwd and /etc/group (None: as if it had neither).
 
     InvalidArgument when there is no command at all, the working directory is relative, the user or
     group is unknown, or a mount is malformed or unsupported.
@@ -226,30 +225,19 @@ def _defines(env: Iterable[str], key: str) -> bool:
     return any(entry.partition("=")[0] == key for entry in env)
 
 
-def needs_rootfs(user: str) -> bool:
-    """Whether resolving ``user`` (as :func:`resolve_user` takes it) reads the image's files: every form but
-    ``uid:gid`` does (names, a uid's primary group, everyone's additional groups)."""
-    parts = user.split(":")
-    return not (len(parts) == 2 and all(_numeric_id(part) is not None for part in parts))
-
-
 def resolve_user(user: str, rootfs: Path | None) -> dict[str, Any]:
     """The OCI ``process.user`` for an image ``USER`` value (``""`` is root) as containerd resolves it
-    through ``rootfs``' /etc/passwd and /etc/group: ``name`` and ``uid`` take the passwd entry's uid and
-    gid (an unknown uid runs with gid 0), ``user:group`` takes each part as a number or looks its name
-    up; ``additionalGids`` are the primary gid then the groups listing the user as a member.
+    through ``rootfs``' /etc/passwd and /etc/group (None: a rootfs without them): ``name`` and ``uid``
+    take the passwd entry's uid and gid (an unknown uid runs with gid 0), ``user:group`` takes each part
+    as a number or looks its name up; ``additionalGids`` are the primary gid then the groups listing the
+    uid's user name (root's when ``user`` is ``""``) as a member.
 
-    InvalidArgument for an unknown user or group name, a malformed value, or a name to look up without
-    a ``rootfs``.
+    InvalidArgument for an unknown user or group name or a malformed value.
     """
     parts = user.split(":")
     if len(parts) > 2 or (user and "" in parts):
         raise InvalidArgument(f"invalid user {user!r}: use name, uid, name:group or uid:gid")
     ids = [_numeric_id(part) for part in parts] if user else [0]
-    if len(ids) == 2 and None not in ids:
-        return {"uid": ids[0], "gid": ids[1], "additionalGids": [ids[1]]}
-    if rootfs is None:
-        raise InvalidArgument(f"resolving user {user!r} needs the image's root filesystem")
     passwd = _read_table(rootfs, "/etc/passwd", user)
     uid = ids[0]
     if uid is None:
@@ -288,11 +276,13 @@ def _numeric_id(text: str) -> int | None:
     return value if value <= _MAX_ID else None
 
 
-def _read_table(rootfs: Path, path: str, user: str) -> list[list[str]]:
-    """The colon-separated entries of a passwd-like file in ``rootfs`` (none when the file is missing),
-    blank and ``#`` lines skipped."""
+def _read_table(rootfs: Path | None, path: str, user: str) -> list[list[str]]:
+    """The colon-separated entries of a passwd-like file in ``rootfs`` (none when the file or the rootfs
+    is missing), blank and ``#`` lines skipped."""
     from core.diff.archive import scoped_path
 
+    if rootfs is None:
+        return []
     try:
         text = Path(scoped_path(os.fspath(rootfs), path)).read_text(encoding="utf-8", errors="replace")
     except (FileNotFoundError, NotADirectoryError):

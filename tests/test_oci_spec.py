@@ -153,6 +153,7 @@ def test_working_dir_from_image_or_given_and_absolute() -> None:
         ("alice:7", {"uid": 1000, "gid": 7, "additionalGids": [7, 100, 10, 29]}),
         ("1001:wheel", {"uid": 1001, "gid": 10, "additionalGids": [10, 29]}),
         ("5:6", {"uid": 5, "gid": 6, "additionalGids": [6]}),
+        ("1000:1000", {"uid": 1000, "gid": 1000, "additionalGids": [1000, 100, 10, 29]}),
     ],
 )
 def test_user_resolution_through_passwd_and_group(rootfs: Path, user: str, expected: dict[str, object]) -> None:
@@ -180,19 +181,16 @@ def test_unknown_or_malformed_user_is_invalid_argument(rootfs: Path, user: str, 
         oci_spec.resolve_user(user, rootfs)
 
 
-def test_names_need_a_rootfs_and_numbers_do_not() -> None:
-    assert not oci_spec.needs_rootfs("0:0") and not oci_spec.needs_rootfs("1000:1000")
-    assert all(oci_spec.needs_rootfs(user) for user in ("", "root", "1000", "alice:0", "0:wheel"))
-    assert oci_spec.resolve_user("3:4", None) == {"uid": 3, "gid": 4, "additionalGids": [4]}
-    with pytest.raises(InvalidArgument, match="needs the image's root filesystem"):
-        oci_spec.resolve_user("alice", None)
-
-
-def test_missing_passwd_and_group_files(tmp_path: Path) -> None:
-    assert oci_spec.resolve_user("", tmp_path) == {"uid": 0, "gid": 0, "additionalGids": [0]}
-    assert oci_spec.resolve_user("1000", tmp_path) == {"uid": 1000, "gid": 0, "additionalGids": [0]}
+@pytest.mark.parametrize("where", ["empty rootfs", "no rootfs"])
+def test_missing_passwd_and_group_files(tmp_path: Path, where: str) -> None:
+    rootfs = tmp_path if where == "empty rootfs" else None
+    assert oci_spec.resolve_user("", rootfs) == {"uid": 0, "gid": 0, "additionalGids": [0]}
+    assert oci_spec.resolve_user("1000", rootfs) == {"uid": 1000, "gid": 0, "additionalGids": [0]}
+    assert oci_spec.resolve_user("3:4", rootfs) == {"uid": 3, "gid": 4, "additionalGids": [4]}
     with pytest.raises(InvalidArgument, match="unable to find user 'alice'"):
-        oci_spec.resolve_user("alice", tmp_path)
+        oci_spec.resolve_user("alice", rootfs)
+    with pytest.raises(InvalidArgument, match="unable to find group 'staff'"):
+        oci_spec.resolve_user("0:staff", rootfs)
 
 
 def test_passwd_symlinks_resolve_inside_the_rootfs(tmp_path: Path) -> None:

@@ -2,8 +2,8 @@
 
 The image is unpacked for the snapshotter, an active snapshot keyed by the container id is
 prepared on its top layer, and the OCI spec is built here from the image config
-(:func:`core.oci_spec.spec_from_image`); a user to look up in the image's /etc/passwd and
-/etc/group is resolved by mounting that snapshot read-only on this host for a moment (as
+(:func:`core.oci_spec.spec_from_image`); the user and its groups are looked up in the image's
+/etc/passwd and /etc/group by mounting that snapshot read-only on this host for a moment (as
 containerd). The container record is created under a short-lived lease, so garbage collection
 cannot take the snapshot in between. Attached, the exit status of the container's process is
 ckctl's; ``--rm`` then deletes the container and its snapshot too (the task is always deleted).
@@ -160,31 +160,23 @@ def _spec(
     mounts: Sequence[dict[str, Any]],
     rootfs: Sequence[Mount],
 ) -> dict[str, Any]:
-    """The container's OCI spec; the rootfs is mounted for the while when the user needs looking up."""
+    """The container's OCI spec, with the rootfs mounted for the while to look the user and its groups up."""
     from core import oci_spec
 
-    user = args.user if args.user is not None else config.user
-
-    def spec_for(root: Path | None) -> dict[str, Any]:
-        return oci_spec.spec_from_image(
-            config,
-            root,
-            id=args.id,
-            namespace=client.namespace,
-            args=args.args,
-            env=args.env,
-            mounts=mounts,
-            terminal=args.tty,
-            cwd=args.cwd,
-            user=user,
-        )
-
     try:
-        if oci_spec.needs_rootfs(user):
-            with _mounted_readonly(rootfs) as root:
-                spec = spec_for(root)
-        else:
-            spec = spec_for(None)
+        with _mounted_readonly(rootfs) as root:
+            spec = oci_spec.spec_from_image(
+                config,
+                root,
+                id=args.id,
+                namespace=client.namespace,
+                args=args.args,
+                env=args.env,
+                mounts=mounts,
+                terminal=args.tty,
+                cwd=args.cwd,
+                user=args.user,
+            )
     except ContainerkitError as err:
         raise CliError(str(err)) from None
     if args.tty:
