@@ -304,6 +304,31 @@ def test_events_show_the_lifecycle_of_a_run(place: Place) -> None:
     assert by_topic["/containers/delete"] == {"id": "watched"}
 
 
+def test_events_of_exec_pause_resume_and_kill(place: Place) -> None:
+    """The task events of a detached container's life: an exec (added, started, its exit under its exec id),
+    pause, resume, a SIGKILL (exit 137), the task's delete, in that order, as containerd publishes them."""
+    place.ctr("run", "-d", place.image, "lived", "sleep", "1000")
+    with event_log(place.daemon) as log:
+        log.subscribed(place)
+        place.ctr("tasks", "exec", "--exec-id", "probe", "lived", "sh", "-c", "exit 2", check=False)
+        place.ctr("tasks", "pause", "lived")
+        place.ctr("tasks", "resume", "lived")
+        place.ctr("tasks", "kill", "-s", "SIGKILL", "lived")
+        place.wait_status("lived", "STOPPED")
+        place.ctr("tasks", "rm", "lived")
+        events = [(t, e) for t, e in log.until(place.namespace, "/tasks/delete") if t.startswith("/tasks/")]
+    assert [(topic, event.get("exec_id") or event.get("id"), event.get("exit_status")) for topic, event in events] == [
+        ("/tasks/exec-added", "probe", None),
+        ("/tasks/exec-started", "probe", None),
+        ("/tasks/exit", "probe", 2),
+        ("/tasks/paused", None, None),
+        ("/tasks/resumed", None, None),
+        ("/tasks/exit", "lived", 137),
+        ("/tasks/delete", None, 137),
+    ]
+    assert {event["container_id"] for _, event in events} == {"lived"}
+
+
 # -- crun --------------------------------------------------------------------------------------------------
 
 
