@@ -44,7 +44,15 @@ from _daemons import REPO, SUBJECTS, RunningDaemon, print_columns, python_env, s
 
 sys.path.insert(0, str(REPO / "tests"))
 
-from interop import CTR, busybox_image, ctr, kill_leftovers, remove_containers, running_registry  # tests/interop.py
+from interop import (  # tests/interop.py
+    CTR,
+    busybox_image,
+    ctr,
+    kill_leftovers,
+    remove_containers,
+    remove_namespace_dirs,
+    running_registry,
+)
 
 NAMESPACE = "bench"
 PREFIX = {"containerkit": "ck", "containerd": "cd"}  # ids differ per daemon: one cgroup path per container
@@ -171,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         image = busybox_image(registry, Path(base))
         env = python_env(args.inherit_env, Path(base) / "pycache")
         daemons = {}
+        stack.callback(remove_namespace_dirs, NAMESPACE)
         for subject in SUBJECTS:
             daemon = start_daemon(subject, env)
             stack.callback(kill_leftovers, daemon.tmp)

@@ -41,6 +41,8 @@ SKOPEO = shutil.which("skopeo") or "/usr/bin/skopeo"
 CTR = _daemons.CTR
 REGISTRY_START_TIMEOUT_S = 20.0
 CTR_TIMEOUT_S = 300.0
+CGROUPS = Path("/sys/fs/cgroup")
+CONTAINERD_RUNC_ROOT = Path("/run/containerd/runc")  # containerd-shim-runc-v2's default runc --root
 
 
 class Daemon(Protocol):
@@ -196,6 +198,14 @@ def remove_containers(daemon: Daemon, namespace: str) -> None:
         ctr(daemon, "containers", "rm", container, namespace=namespace)
 
 
+def remove_namespace_dirs(namespace: str) -> None:
+    """Remove what runc leaves per namespace once its containers are gone, where empty: the parent cgroup
+    ``/NAMESPACE`` of every hierarchy, and containerd's runc root ``/run/containerd/runc/NAMESPACE``."""
+    for directory in [*CGROUPS.glob(f"*/{namespace}"), CONTAINERD_RUNC_ROOT / namespace]:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+
+
 @dataclass(frozen=True)
 class Place:
     """A daemon and a namespace of one's own in it holding ``image``: ``ctr`` bound to both."""
@@ -225,12 +235,13 @@ class Place:
 @contextmanager
 def image_place(daemon: Daemon, image: str, namespace: str) -> Iterator[Place]:
     """``ctr images pull --plain-http IMAGE`` into ``namespace``; afterwards every container there is removed
-    (:func:`remove_containers`)."""
+    (:func:`remove_containers`), and the namespace's empty cgroups (:func:`remove_namespace_dirs`)."""
     ctr(daemon, "images", "pull", "--plain-http", image, namespace=namespace)
     try:
         yield Place(daemon, namespace, image)
     finally:
         remove_containers(daemon, namespace)
+        remove_namespace_dirs(namespace)
 
 
 def processes_naming(text: str) -> list[int]:
