@@ -40,7 +40,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from _daemons import REPO, SUBJECTS, RunningDaemon, print_columns, python_env, start_daemon, status_kb
+from _daemons import REPO, SUBJECTS, RunningDaemon, cpu_ms, print_columns, python_env, start_daemon, status_kb
 
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -74,11 +74,11 @@ def shim_of(daemon: RunningDaemon, task: str) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def run_rm(daemon: RunningDaemon, image: str, task: str) -> float:
-    """Seconds of one ``ctr run --rm IMAGE TASK sh -c 'exit 0'``."""
-    t0 = time.perf_counter()
+def run_rm(daemon: RunningDaemon, image: str, task: str) -> tuple[float, float]:
+    """(seconds, daemon CPU ms) of one ``ctr run --rm IMAGE TASK sh -c 'exit 0'``."""
+    cpu0, t0 = cpu_ms(daemon.pid), time.perf_counter()
     ctr(daemon, "run", "--rm", image, task, "sh", "-c", "exit 0", namespace=NAMESPACE)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, cpu_ms(daemon.pid) - cpu0
 
 
 def start_detached(daemon: RunningDaemon, image: str, tasks: list[str]) -> float:
@@ -107,12 +107,13 @@ def running_tasks(daemon: RunningDaemon, image: str, tasks: list[str]) -> Iterat
 
 
 def measure(image: str, daemons: dict[str, RunningDaemon], args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {subject: {"run_rm_s": []} for subject in SUBJECTS}
+    results: dict[str, Any] = {subject: {"run_rm_s": [], "run_rm_cpu_ms": []} for subject in SUBJECTS}
     for run in range(args.warmup + args.runs):
         for subject in SUBJECTS if run % 2 == 0 else tuple(reversed(SUBJECTS)):
-            seconds = run_rm(daemons[subject], image, f"{PREFIX[subject]}-rm-{run}")
+            seconds, cpu = run_rm(daemons[subject], image, f"{PREFIX[subject]}-rm-{run}")
             if run >= args.warmup:
                 results[subject]["run_rm_s"].append(seconds)
+                results[subject]["run_rm_cpu_ms"].append(cpu)
     for subject, daemon in daemons.items():
         result = results[subject]
         result["daemon_rss_kb_idle"] = status_kb(daemon.pid, "VmRSS")["VmRSS"]
@@ -132,6 +133,7 @@ def measure(image: str, daemons: dict[str, RunningDaemon], args: argparse.Namesp
             result["shims_pss_kb_tasks"] = sum(pss_kb(shim) for shim in shims)
         result["median_run_rm_s"] = statistics.median(result["run_rm_s"])
         result["min_run_rm_s"] = min(result["run_rm_s"])
+        result["median_run_rm_cpu_ms"] = statistics.median(result["run_rm_cpu_ms"])
         print(f"{subject}: done", file=sys.stderr)
     return results
 
@@ -147,6 +149,7 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
         ("metric", "containerkit", "containerd", "ratio ck/cd"),
         row(f"run --rm, median of {args.runs}", "median_run_rm_s", "ms", 1000),
         row(f"run --rm, min of {args.runs}", "min_run_rm_s", "ms", 1000),
+        row("run --rm, daemon CPU (median)", "median_run_rm_cpu_ms", "ms"),
         row("shim VmRSS (one task)", "shim_rss_kb", "MiB", 1 / 1024, 1),
         row("shim Pss (one task)", "shim_pss_kb", "MiB", 1 / 1024, 1),
         row(f"{args.concurrent} run -d at once, wall", "concurrent_s", "s", 1, 2),
