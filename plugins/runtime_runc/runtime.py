@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -51,6 +51,7 @@ from core.runtime import (
     TaskState,
     TaskStatus,
 )
+from core.types import Mount
 from plugins.runtime_runc.client import ShimClient, ShimGone, Watcher, spawn_shim
 
 if TYPE_CHECKING:
@@ -369,6 +370,39 @@ class RuncTask(Task):
             log.warning("shim of task %s did not shut down: %s", self._id, err)
         return 0 if _await_exit(self._shim_pid, SHUTDOWN_TIMEOUT) else self._shim_pid
 
+    def launch(self, python: str, stdio: Stdio) -> None:
+        """Start the task's shim (with interpreter ``python``) in its ready bundle and create the init process."""
+        self._socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._socket.unlink(missing_ok=True)
+        Path(self._settings.runc_root).mkdir(mode=0o711, parents=True, exist_ok=True)
+        command = [
+            python, "-S", "-I", str(SHIM),
+            "--namespace", self._namespace,
+            "--id", self._id,
+            "--bundle", self.bundle,
+            "--socket", str(self._socket),
+            "--binary", self._settings.binary,
+            "--runc-root", self._settings.runc_root,
+            "--log", str(self._bundle / "shim.log"),
+        ]  # fmt: skip
+        spawn_shim(command, self._bundle, self._socket, self._bundle / "shim-start.log", SPAWN_TIMEOUT)
+        self._shim_pid = self._client.ping(SPAWN_TIMEOUT)
+        self.watch_events()
+        init = self._record(None)
+        init.pid = int(self._call("create", None, stdio=_stdio(stdio))["pid"])
+        self._watch(None, init)
+
+    def discard(self) -> None:
+        """Remove all of a task whose creation failed: its shim, runc container, mounts and bundle."""
+        self._closing = True
+        self._runtime.teardown(
+            self._namespace, self._id, self._settings, self._shutdown_shim(), force=bool(self._shim_pid)
+        )
+
+    def disconnect(self) -> None:
+        """Close the idle connections to the shim (the daemon is stopping)."""
+        self._client.close()
+
     def adopt(self, timeout: float) -> None:
         """Find the shim of a restored task and take its processes over; mark it gone if it does not answer."""
         try:
@@ -391,6 +425,7 @@ class RuncTask(Task):
                 self._adopt_process(exec_id, self._client.call("state", {"exec_id": exec_id}, timeout=timeout))
             except (ContainerkitError, OSError):
                 continue  # deleted (its record is stale) or the shim stopped answering: wait() will tell
+        self.watch_events()
 
     def _adopt_process(self, exec_id: str | None, state: Mapping[str, Any]) -> None:
         process = self._record(exec_id)
@@ -460,15 +495,10 @@ class RuncRuntime(Runtime):
         task = RuncTask(self, ns, id, settings)
         try:
             try:
-                self._make_bundle(task, spec, request.rootfs, settings)
-                self._spawn(task, settings)
-                task.watch_events()
-                init = task._record(None)
-                init.pid = int(task._call("create", None, stdio=_stdio(request.stdio))["pid"])
-                task._watch(None, init)
+                self._make_bundle(task.bundle, spec, request.rootfs, settings)
+                task.launch(self.shim_python, request.stdio)
             except BaseException:
-                task._closing = True
-                self.teardown(ns, id, settings, task._shutdown_shim(), force=bool(task._shim_pid))
+                task.discard()
                 raise
             with self._lock:
                 self._tasks[key] = task
@@ -509,9 +539,6 @@ class RuncRuntime(Runtime):
         with self._lock:
             for task in tasks:
                 self._tasks[(task.namespace, task.id)] = task
-        for task in tasks:
-            if task._gone_at is None:
-                task.watch_events()
         return list(tasks)
 
     def close(self) -> None:
@@ -522,7 +549,7 @@ class RuncRuntime(Runtime):
         with self._lock:
             tasks = list(self._tasks.values())
         for task in tasks:
-            task._client.close()
+            task.disconnect()
 
     # -- for tasks ---------------------------------------------------------------------------------------
 
@@ -582,8 +609,9 @@ class RuncRuntime(Runtime):
             raise InvalidArgument(f"runtime binary {name!r} not found in PATH")
         return _Settings(binary, os.path.join(os.path.abspath(options.get("root") or self.root), ns))
 
-    def _make_bundle(self, task: RuncTask, spec: Mapping[str, Any], rootfs: Any, settings: _Settings) -> None:
-        bundle = task._bundle
+    def _make_bundle(self, path: str, spec: Mapping[str, Any], rootfs: Sequence[Mount], settings: _Settings) -> None:
+        """The bundle directory with config.json, runtime.json and ``rootfs`` mounted (InvalidArgument if it fails)."""
+        bundle = Path(path)
         bundle.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
         bundle.mkdir(mode=0o711)
         (bundle / "rootfs").mkdir(mode=0o711)
@@ -593,25 +621,7 @@ class RuncRuntime(Runtime):
             try:
                 mount_all(rootfs, bundle / "rootfs")
             except OSError as err:
-                raise InvalidArgument(f"rootfs of task {task.id!r}: {err}") from None
-
-    def _spawn(self, task: RuncTask, settings: _Settings) -> None:
-        """Start the task's shim; return once it serves, its pid known to the task."""
-        task._socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        task._socket.unlink(missing_ok=True)
-        Path(settings.runc_root).mkdir(mode=0o711, parents=True, exist_ok=True)
-        command = [
-            self.shim_python, "-S", "-I", str(SHIM),
-            "--namespace", task.namespace,
-            "--id", task.id,
-            "--bundle", task.bundle,
-            "--socket", str(task._socket),
-            "--binary", settings.binary,
-            "--runc-root", settings.runc_root,
-            "--log", str(task._bundle / "shim.log"),
-        ]  # fmt: skip
-        spawn_shim(command, task._bundle, task._socket, task._bundle / "shim-start.log", SPAWN_TIMEOUT)
-        task._shim_pid = task._client.ping(SPAWN_TIMEOUT)
+                raise InvalidArgument(f"rootfs of task {bundle.name!r}: {err}") from None
 
     def _runc_delete(self, id: str, settings: _Settings) -> None:
         """``runc delete --force`` the container, in case a shim died or a create failed half-way."""
