@@ -116,7 +116,9 @@ def test_run_detached_is_listed_running(place: Place) -> None:
 
 
 def test_run_tty_under_a_pty(place: Place) -> None:
-    """``ctr run -t`` from a terminal: the container's stdio is a pty with TERM=xterm, its exit code is ctr's."""
+    """``ctr run -t`` from a terminal: the container's stdio is a pty with TERM=xterm, its exit code is ctr's.
+    The process exits at once: ctr's resize may come after, which containerd answers without error for an
+    init process (ctr prints nothing more)."""
     run = ctr_pty(place.daemon, "run", "-t", "--rm", place.image, "tty", "sh", "-c", "tty; echo $TERM; exit 5",
                   namespace=place.namespace)  # fmt: skip
     assert run.returncode == 5
@@ -146,6 +148,18 @@ def test_tasks_exec(place: Place) -> None:
     assert processes.pop(init) == "-"
     [(pid, info)] = processes.items()
     assert "ExecID:bg" in info and cmdline(pid) == ["sleep", "100"]
+
+
+def test_tasks_exec_tty_under_a_pty(place: Place) -> None:
+    """``ctr tasks exec -t`` from a 40x100 terminal: the exec process gets a pty of its own, which ctr sizes
+    as its terminal; its exit code is ctr's. (It waits for the size: containerd too refuses to resize an exec
+    process that has already exited, and ctr would print that.)"""
+    place.ctr("run", "-d", place.image, "host", "sleep", "1000")
+    script = 'until [ "$(stty size 2>/dev/null)" = "40 100" ]; do sleep 0.05; done; tty; exit 6'
+    run = ctr_pty(place.daemon, "tasks", "exec", "-t", "--exec-id", "term", "host", "sh", "-c", script,
+                  namespace=place.namespace, rows=40, columns=100, timeout=60)  # fmt: skip
+    assert run.returncode == 6
+    assert run.output.replace(b"\r", b"").splitlines() == [b"/dev/pts/0"]
 
 
 def test_tasks_pause_resume(place: Place) -> None:
