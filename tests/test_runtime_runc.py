@@ -427,10 +427,11 @@ class Harness:
         return found
 
     def assert_clean(self) -> None:
-        """No mount, bundle or socket of this runtime left."""
+        """No mount, bundle, socket or shim process of this runtime left."""
         assert not [m for m in mount_points() if m.startswith(str(self.dir))]
         assert not list(self.state.glob("*/*/config.json"))
         assert not list((self.state / ".s").glob("*.sock"))
+        assert not [pid for pid, cmdline in running_shims().items() if str(self.state) in cmdline]
 
     def cleanup(self) -> None:
         for runtime in self.runtimes:
@@ -449,6 +450,17 @@ class Harness:
 def with_pid(pid_file: Path, action: Callable[[int], None]) -> None:
     with contextlib.suppress(OSError, ValueError):
         action(int(pid_file.read_text()))
+
+
+def running_shims() -> dict[int, str]:
+    """The command lines of the running shims of any test, by pid (a zombie counts as gone)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            cmdline = (entry / "cmdline").read_text() if entry.name.isdigit() else ""
+            if str(SHIM) in cmdline and alive(int(entry.name)):
+                found[int(entry.name)] = cmdline
+    return found
 
 
 def alive(pid: int) -> bool:
