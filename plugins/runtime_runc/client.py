@@ -38,7 +38,7 @@ from core.errors import (
     Unavailable,
 )
 
-__all__ = ["ShimClient", "ShimError", "ShimGone", "Watcher", "spawn_shim"]
+__all__ = ["ShimClient", "ShimError", "ShimGone", "Watcher", "connect", "spawn_shim"]
 
 log = logging.getLogger("containerkit.runtime.runc")
 
@@ -72,7 +72,7 @@ def _request(method: str, params: Mapping[str, Any] | None) -> bytes:
     return json.dumps({"method": method, "params": dict(params or {})}).encode() + b"\n"
 
 
-def decode_response(line: bytes, method: str) -> Any:
+def _decode_response(line: bytes, method: str) -> Any:
     """The ``result`` of one response line; its ``error`` raised as the matching core.errors class."""
     try:
         response = json.loads(line)
@@ -118,7 +118,8 @@ def connect(path: str | os.PathLike[str], method: str, timeout: float) -> _Conne
 
 
 class ShimClient:
-    """Calls to the shim listening on ``path``. Thread-safe; :meth:`close` drops every connection."""
+    """Calls to the shim listening on ``path``. Thread-safe: concurrent calls each take a connection of their own
+    (idle ones are pooled)."""
 
     def __init__(self, path: str | os.PathLike[str], timeout: float = DEFAULT_TIMEOUT) -> None:
         self.path = os.fspath(path)
@@ -174,7 +175,7 @@ class ShimClient:
             raise ShimGone(f"shim {self.path} closed the connection during {method}")
         with self._lock:
             self._idle.append(connection)
-        return decode_response(line, method)
+        return _decode_response(line, method)
 
 
 LineHandler = Callable[[dict[str, Any]], bool]
