@@ -198,6 +198,13 @@ def remove_containers(daemon: Daemon, namespace: str) -> None:
         ctr(daemon, "containers", "rm", container, namespace=namespace)
 
 
+def namespace_for(test: str, suffix: str = "") -> str:
+    """A namespace named after a test function (``test_tasks_exec``, "ours" → ``tasks-exec-ours``): at most 50
+    characters before the suffix, so suffixes keep two daemons' namespaces (and so their cgroups) apart."""
+    name = re.sub(r"[^a-z0-9]+", "-", test.removeprefix("test_").lower()).strip("-")[:50].rstrip("-")
+    return f"{name}-{suffix}" if suffix else name
+
+
 def remove_namespace_dirs(namespace: str) -> None:
     """Remove what runc leaves per namespace once its containers are gone, where empty: the parent cgroup
     ``/NAMESPACE`` of every hierarchy, and containerd's runc root ``/run/containerd/runc/NAMESPACE``."""

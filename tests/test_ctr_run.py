@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from interop import CTR, Daemon, Place, _daemons, busybox_image, ctr_pty, image_place
+from interop import CTR, Daemon, Place, _daemons, busybox_image, ctr_pty, image_place, namespace_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -44,22 +44,19 @@ def busybox(registry: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
     return busybox_image(registry, tmp_path_factory.mktemp("busybox"))
 
 
-def namespace_of(request: pytest.FixtureRequest) -> str:
-    """A namespace named after the test (``test_tasks_exec[containerd]`` → ``tasks-exec-containerd``)."""
-    return re.sub(r"[^a-z0-9]+", "-", request.node.name.removeprefix("test_").lower()).strip("-")[:60]
-
-
 @pytest.fixture(params=SUBJECTS)
 def place(request: pytest.FixtureRequest, busybox: str) -> Iterator[Place]:
     """Each daemon in turn, with busybox pulled into the test's own namespace."""
-    with image_place(request.getfixturevalue(request.param), busybox, namespace_of(request)) as place:
+    namespace = namespace_for(request.node.originalname, request.param)
+    with image_place(request.getfixturevalue(request.param), busybox, namespace) as place:
         yield place
 
 
 @pytest.fixture
 def places(request: pytest.FixtureRequest, busybox: str, containerkitd: Any, containerd: Any) -> Iterator[list[Place]]:
-    """[containerkitd's, containerd's] places, for the tests that compare outputs."""
-    namespace = namespace_of(request)
+    """[containerkitd's, containerd's] places with the same namespace, for the tests that compare outputs (they
+    start no task: containers of the same namespace and id would share a cgroup)."""
+    namespace = namespace_for(request.node.originalname)
     with image_place(containerkitd, busybox, namespace) as ours, image_place(containerd, busybox, namespace) as theirs:
         yield [ours, theirs]
 
@@ -357,7 +354,7 @@ def test_crun_as_a_drop_in(make_daemon: Any, busybox: str) -> None:
     ``--cgroup-manager=disabled``), the refusal comes back as crun's own message with nothing left behind."""
     daemon = make_daemon('[plugins.runtime.runc]\nbinary = "crun"\n')
     try:
-        with image_place(daemon, busybox, "crun") as place:
+        with image_place(daemon, busybox, namespace_for("test_crun_as_a_drop_in")) as place:
             result = place.ctr("run", "--rm", busybox, "once", "sh", "-c", "echo crun; exit 6", check=False)
             if HYBRID_REFUSAL in result.stderr:
                 assert result.returncode == 1 and result.stdout == ""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import time
@@ -23,7 +22,16 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import any_pb2, field_mask_pb2
-from interop import Daemon, Place, _daemons, busybox_image, image_place, kill_leftovers, processes_naming
+from interop import (
+    Daemon,
+    Place,
+    _daemons,
+    busybox_image,
+    image_place,
+    kill_leftovers,
+    namespace_for,
+    processes_naming,
+)
 
 from core.api.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
 from core.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
@@ -105,7 +113,7 @@ def test_daemon_killed_with_20_running_restores_them(own: Any, busybox: str) -> 
     """kill -9 of containerkitd with 20 containers running; one exits (code 7) while it is down. After the
     restart all others are RUNNING with the same pids, exec works in them, kill and a Wait already waiting
     work, and the one that exited meanwhile is STOPPED with its real exit status."""
-    with image_place(own, busybox, "faults-restore") as place:
+    with image_place(own, busybox, namespace_for("test_daemon_killed", "faults")) as place:
         for n in range(RUNNING - 1):
             place.ctr("run", "-d", busybox, f"r{n}", "sleep", "1000")
         place.ctr("run", "-d", busybox, "leaver", "sh", "-c", "trap 'exit 7' TERM; sleep 1000 & wait")
@@ -137,7 +145,7 @@ def test_daemon_killed_with_20_running_restores_them(own: Any, busybox: str) -> 
 def test_shim_killed_task_stops_and_can_be_removed(own: Any, busybox: str) -> None:
     """SIGKILL of a task's shim: the task turns STOPPED (nothing hangs: every ctr call returns), ``tasks rm``
     and ``containers rm`` work, and nothing of the container is left running or mounted."""
-    with image_place(own, busybox, "faults-shim-killed") as place:
+    with image_place(own, busybox, namespace_for("test_shim_killed", "faults")) as place:
         place.ctr("run", "-d", busybox, "orphan", "sleep", "1000")
         place.ctr("run", "-d", busybox, "neighbour", "sleep", "1000")
         pid = place.tasks()["orphan"][0]
@@ -160,12 +168,12 @@ def test_shim_killed_task_stops_and_can_be_removed(own: Any, busybox: str) -> No
 
 @pytest.fixture
 def places(request: pytest.FixtureRequest, busybox: str, containerkitd: Any, containerd: Any) -> Iterator[list[Place]]:
-    """[containerkitd's, containerd's] namespaces named after the test (not the same name: containers of the same
+    """[containerkitd's, containerd's] namespaces named after the test, one per daemon (containers of the same
     namespace and id would share a cgroup), busybox pulled in each."""
-    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.removeprefix("test_").lower()).strip("-")[:50]
+    name = request.node.originalname
     with (
-        image_place(containerkitd, busybox, f"faults-{name}-ours") as ours,
-        image_place(containerd, busybox, f"faults-{name}-theirs") as theirs,
+        image_place(containerkitd, busybox, namespace_for(name, "ours")) as ours,
+        image_place(containerd, busybox, namespace_for(name, "theirs")) as theirs,
     ):
         yield [ours, theirs]
 
@@ -274,7 +282,7 @@ def test_invalid_spec_json(containerkitd: Any, busybox: str) -> None:
     """A container whose spec is not JSON is refused at Containers.Create (InvalidArgument; containerd stores
     the bytes unread and fails only at the task); one whose spec is JSON but not a runnable OCI spec
     fails at task create with nothing left behind (no task, bundle, mount or shim)."""
-    with image_place(containerkitd, busybox, "faults-bad-spec") as place:
+    with image_place(containerkitd, busybox, namespace_for("test_invalid_spec_json", "faults")) as place:
         channel, containers, _ = grpc_stubs(containerkitd)
         with channel:
             container = containers_pb2.Container(
@@ -319,7 +327,7 @@ def footprint(daemon: Any, namespace: str) -> dict[str, Any]:
 def test_200_runs_leak_nothing(own: Any, busybox: str) -> None:
     """200 ``ctr run --rm`` (create, start, wait, delete each) leave no mount, shim, bundle dir or cgroup,
     and the daemon holds as many file descriptors as after the first few."""
-    with image_place(own, busybox, "faults-cycles") as place:
+    with image_place(own, busybox, namespace_for("test_200_runs", "faults")) as place:
         for n in range(5):  # warm up: connections, pools and caches the daemon keeps
             place.ctr("run", "--rm", busybox, f"warm{n}", "true")
         before = footprint(own, place.namespace)
