@@ -804,6 +804,8 @@ class Shim:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(36, 1, 0, 0, 0):  # PR_SET_CHILD_SUBREAPER: the container processes become our children
             sys.exit(f"shim: cannot become a child subreaper: {os.strerror(ctypes.get_errno())}")
+        if os.path.basename(self.binary) == "crun" and _hybrid_cgroups():
+            _hide_unified_hierarchy(libc)
         threading.Thread(target=self.reap_loop, args=(wake_r,), daemon=True).start()
         with open(os.path.join(self.bundle, "shim.pid"), "w") as f:
             f.write(str(os.getpid()))
@@ -820,6 +822,27 @@ class Shim:
         while True:
             conn, _ = server.accept()
             threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+
+def _hybrid_cgroups() -> bool:
+    """Whether the host mixes cgroup v1 hierarchies with a v2 one at /sys/fs/cgroup/unified (systemd's
+    "hybrid" layout), which crun refuses ("cgroups in hybrid mode not supported")."""
+    with open("/proc/self/mountinfo") as mountinfo:
+        points = {line.split(" - ", 1)[0].split()[4]: line.split(" - ", 1)[1].split()[0] for line in mountinfo}
+    return points.get("/sys/fs/cgroup") == "tmpfs" and points.get("/sys/fs/cgroup/unified") == "cgroup2"
+
+
+def _hide_unified_hierarchy(libc: Any) -> None:
+    """Move this shim (and so the runtime and containers it starts) into a private mount namespace
+    without /sys/fs/cgroup/unified: crun then sees a plain cgroup v1 host, as runc treats this one.
+    The host's mounts are untouched; the bundle's rootfs, mounted before the shim started, is kept."""
+    import ctypes
+
+    clone_newns, ms_rec, ms_private, mnt_detach = 0x00020000, 0x4000, 0x40000, 2
+    if libc.unshare(clone_newns) or libc.mount(None, b"/", None, ms_rec | ms_private, None):
+        sys.exit(f"shim: cannot make a private mount namespace for crun: {os.strerror(ctypes.get_errno())}")
+    if libc.umount2(b"/sys/fs/cgroup/unified", mnt_detach):
+        sys.exit(f"shim: cannot hide the cgroup v2 hierarchy from crun: {os.strerror(ctypes.get_errno())}")
 
 
 def main(argv: list[str]) -> None:
