@@ -3,13 +3,14 @@ namespace, and errors turned into one-line messages."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
-from core.server import NAMESPACE_METADATA_KEY
+from core.server import LEASE_METADATA_KEY, NAMESPACE_METADATA_KEY
 
 CALL_TIMEOUT_SECONDS = 30.0
 
@@ -40,13 +41,34 @@ class Client:
             self._channel = grpc.insecure_channel(f"unix:{self.address}")
         return self._channel
 
-    def call(self, method: Callable[..., Any], request: Any, *, namespaced: bool = True) -> Any:
-        """Invoke a stub method; a gRPC error becomes a CliError carrying the daemon's message."""
-        metadata = [(NAMESPACE_METADATA_KEY, self.namespace)] if namespaced else []
+    def metadata(self, lease: str = "") -> list[tuple[str, str]]:
+        """The call metadata: the namespace, and the ``lease`` to create things under when given."""
+        metadata = [(NAMESPACE_METADATA_KEY, self.namespace)]
+        return [*metadata, (LEASE_METADATA_KEY, lease)] if lease else metadata
+
+    @contextlib.contextmanager
+    def stream_errors(self) -> Iterator[None]:
+        """For streaming calls, which fail while their responses are read: a gRPC error raised inside
+        becomes a CliError as :meth:`call` reports it."""
         try:
-            return method(request, metadata=metadata, timeout=CALL_TIMEOUT_SECONDS)
+            yield
         except grpc.RpcError as err:
             raise CliError(describe_rpc_error(err, self.address)) from None
+
+    def call(
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        *,
+        namespaced: bool = True,
+        lease: str = "",
+        timeout: float | None = CALL_TIMEOUT_SECONDS,
+    ) -> Any:
+        """Invoke a unary stub method (under ``lease`` if given; ``timeout`` None waits as long as it
+        takes); a gRPC error becomes a CliError carrying the daemon's message."""
+        metadata = self.metadata(lease) if namespaced else []
+        with self.stream_errors():
+            return method(request, metadata=metadata, timeout=timeout)
 
     def close(self) -> None:
         if self._channel is not None:

@@ -16,7 +16,6 @@ from core.cli.args import add_listing_arguments, for_each, label_changes
 from core.cli.client import CALL_TIMEOUT_SECONDS, Client, CliError, describe_rpc_error
 from core.cli.output import print_json
 from core.cli.records import labels_text, print_records, timestamp_text
-from core.server import NAMESPACE_METADATA_KEY
 
 CONTAINER_COLUMNS = {
     "CONTAINER": lambda container: container["id"],
@@ -50,7 +49,7 @@ def add_commands(commands: Any) -> None:
     label.set_defaults(handler=label_container)
 
 
-def _stub(client: Client) -> Any:
+def service_stub(client: Client) -> Any:
     from core.api.containerd.services.containers.v1 import containers_pb2_grpc
 
     return containers_pb2_grpc.ContainersStub(client.channel)
@@ -99,11 +98,11 @@ def _spec(container: Any) -> Any:
 
 
 def _get(client: Client, id: str) -> Any:
-    return client.call(_stub(client).Get, _pb().GetContainerRequest(id=id)).container
+    return client.call(service_stub(client).Get, _pb().GetContainerRequest(id=id)).container
 
 
 def list_containers(client: Client, args: argparse.Namespace) -> int:
-    response = client.call(_stub(client).List, _pb().ListContainersRequest(filters=args.filters))
+    response = client.call(service_stub(client).List, _pb().ListContainersRequest(filters=args.filters))
     records = [container_record(container, spec=False) for container in response.containers]
     print_records(records, CONTAINER_COLUMNS, args, key="id")
     return 0
@@ -116,11 +115,11 @@ def show_info(client: Client, args: argparse.Namespace) -> int:
 
 
 def remove_containers(client: Client, args: argparse.Namespace) -> int:
-    for_each(args.ids, lambda id: _remove(client, id, keep_snapshot=args.keep_snapshot))
+    for_each(args.ids, lambda id: remove(client, id, keep_snapshot=args.keep_snapshot))
     return 0
 
 
-def _remove(client: Client, id: str, *, keep_snapshot: bool) -> None:
+def remove(client: Client, id: str, *, keep_snapshot: bool) -> None:
     """Delete the container ``id`` as ``ctr containers rm`` does (see the module doc)."""
     from core.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
 
@@ -129,7 +128,7 @@ def _remove(client: Client, id: str, *, keep_snapshot: bool) -> None:
     if container.snapshot_key and not keep_snapshot:
         request = snapshots_pb2.RemoveSnapshotRequest(snapshotter=container.snapshotter, key=container.snapshot_key)
         _ignoring_not_found(client, snapshots_pb2_grpc.SnapshotsStub(client.channel).Remove, request)
-    client.call(_stub(client).Delete, _pb().DeleteContainerRequest(id=id))
+    client.call(service_stub(client).Delete, _pb().DeleteContainerRequest(id=id))
 
 
 def _delete_stopped_task(client: Client, id: str) -> None:
@@ -150,9 +149,8 @@ def _delete_stopped_task(client: Client, id: str) -> None:
 
 def _ignoring_not_found(client: Client, method: Any, request: Any) -> Any:
     """``client.call`` answering None for NotFound (and for a service the daemon does not run)."""
-    metadata = [(NAMESPACE_METADATA_KEY, client.namespace)]
     try:
-        return method(request, metadata=metadata, timeout=CALL_TIMEOUT_SECONDS)
+        return method(request, metadata=client.metadata(), timeout=CALL_TIMEOUT_SECONDS)
     except grpc.RpcError as err:
         if isinstance(err, grpc.Call) and err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
             return None
@@ -167,5 +165,5 @@ def label_container(client: Client, args: argparse.Namespace) -> int:
     request = pb.UpdateContainerRequest(
         container=pb.Container(id=args.id, labels=labels), update_mask=field_mask_pb2.FieldMask(paths=paths)
     )
-    print(labels_text(client.call(_stub(client).Update, request).container.labels))
+    print(labels_text(client.call(service_stub(client).Update, request).container.labels))
     return 0

@@ -12,7 +12,6 @@ removed by the next garbage collection, as in containerd: ``ingest --lease ID`` 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import queue
 import sys
@@ -22,9 +21,8 @@ from typing import IO, Any
 import grpc
 
 from core.cli.args import add_listing_arguments, for_each, label_changes, parse_labels
-from core.cli.client import CALL_TIMEOUT_SECONDS, Client, CliError, describe_rpc_error
+from core.cli.client import CALL_TIMEOUT_SECONDS, Client, CliError
 from core.cli.records import age, human_size, labels_cell, labels_text, print_records, timestamp_text
-from core.server import LEASE_METADATA_KEY, NAMESPACE_METADATA_KEY
 
 CHUNK_SIZE = 1 << 20  # bytes per WriteContentRequest, as the daemon sends them back on Read
 
@@ -98,25 +96,10 @@ def _size(text: str) -> int:
     return size
 
 
-def _stub(client: Client) -> Any:
+def service_stub(client: Client) -> Any:
     from core.api.containerd.services.content.v1 import content_pb2_grpc
 
     return content_pb2_grpc.ContentStub(client.channel)
-
-
-def _metadata(client: Client, lease: str = "") -> list[tuple[str, str]]:
-    """The metadata of a streaming call, which goes to the stub directly (Client.call is for unary ones)."""
-    metadata = [(NAMESPACE_METADATA_KEY, client.namespace)]
-    return [*metadata, (LEASE_METADATA_KEY, lease)] if lease else metadata
-
-
-@contextlib.contextmanager
-def _stream_errors(client: Client) -> Iterator[None]:
-    """A streaming call fails while its responses are read: report that as Client.call reports errors."""
-    try:
-        yield
-    except grpc.RpcError as err:
-        raise CliError(describe_rpc_error(err, client.address)) from None
 
 
 def blob_record(info: Any) -> dict[str, Any]:
@@ -145,10 +128,10 @@ def ingest_record(status: Any) -> dict[str, Any]:
 def list_blobs(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.content.v1 import content_pb2 as pb
 
-    stub = _stub(client)
+    stub = service_stub(client)
     request = pb.ListContentRequest(filters=args.filters)
-    with _stream_errors(client):
-        responses = stub.List(request, metadata=_metadata(client), timeout=CALL_TIMEOUT_SECONDS)
+    with client.stream_errors():
+        responses = stub.List(request, metadata=client.metadata(), timeout=CALL_TIMEOUT_SECONDS)
         blobs = [blob_record(info) for response in responses for info in response.info]
     print_records(blobs, BLOB_COLUMNS, args, key="digest")
     return 0
@@ -157,10 +140,10 @@ def list_blobs(client: Client, args: argparse.Namespace) -> int:
 def get_blob(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.content.v1 import content_pb2 as pb
 
-    stub = _stub(client)
+    stub = service_stub(client)
     out = sys.stdout.buffer
-    with _stream_errors(client):
-        for response in stub.Read(pb.ReadContentRequest(digest=args.digest), metadata=_metadata(client)):
+    with client.stream_errors():
+        for response in stub.Read(pb.ReadContentRequest(digest=args.digest), metadata=client.metadata()):
             out.write(response.data)
     out.flush()
     return 0
@@ -169,7 +152,7 @@ def get_blob(client: Client, args: argparse.Namespace) -> int:
 def remove_blobs(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.content.v1 import content_pb2 as pb
 
-    stub = _stub(client)
+    stub = service_stub(client)
 
     def remove(digest: str) -> None:
         client.call(stub.Delete, pb.DeleteContentRequest(digest=digest))
@@ -187,14 +170,14 @@ def label_blob(client: Client, args: argparse.Namespace) -> int:
     request = pb.UpdateRequest(
         info=pb.Info(digest=args.digest, labels=labels), update_mask=field_mask_pb2.FieldMask(paths=paths)
     )
-    print(labels_text(client.call(_stub(client).Update, request).info.labels))
+    print(labels_text(client.call(service_stub(client).Update, request).info.labels))
     return 0
 
 
 def list_ingests(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.content.v1 import content_pb2 as pb
 
-    response = client.call(_stub(client).ListStatuses, pb.ListStatusesRequest(filters=args.filters))
+    response = client.call(service_stub(client).ListStatuses, pb.ListStatusesRequest(filters=args.filters))
     print_records([ingest_record(s) for s in response.statuses], INGEST_COLUMNS, args, key="ref")
     return 0
 
@@ -202,7 +185,7 @@ def list_ingests(client: Client, args: argparse.Namespace) -> int:
 def abort_ingests(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.content.v1 import content_pb2 as pb
 
-    stub = _stub(client)
+    stub = service_stub(client)
 
     def abort(ref: str) -> None:
         client.call(stub.Abort, pb.AbortRequest(ref=ref))
@@ -212,7 +195,7 @@ def abort_ingests(client: Client, args: argparse.Namespace) -> int:
 
 
 def ingest_blob(client: Client, args: argparse.Namespace) -> int:
-    with _stream_errors(client):
+    with client.stream_errors():
         print(_ingest(client, args, sys.stdin.buffer, parse_labels(args.label)))
     return 0
 
@@ -246,7 +229,7 @@ def _ingest(client: Client, args: argparse.Namespace, source: IO[bytes], labels:
             return  # ending the stream without a commit keeps the ingest, to be resumed
         yield pb.WriteContentRequest(action=pb.COMMIT, offset=offset, total=total, expected=expected, labels=labels)
 
-    call = _stub(client).Write(requests(), metadata=_metadata(client, args.lease))
+    call = service_stub(client).Write(requests(), metadata=client.metadata(args.lease))
     written = ""  # the digest of what the ingest holds, as the latest answer tells it
     last = None
     try:

@@ -88,7 +88,7 @@ def _add_platform_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--platform", default="", help="os/arch[/variant] to pick from an index (default: the host's)")
 
 
-def _stub(client: Client) -> Any:
+def service_stub(client: Client) -> Any:
     from core.api.containerd.services.images.v1 import images_pb2_grpc
 
     return images_pb2_grpc.ImagesStub(client.channel)
@@ -111,16 +111,16 @@ def image_record(image: Any) -> dict[str, Any]:
     }
 
 
-def _get(client: Client, name: str) -> Any:
+def get_image(client: Client, name: str) -> Any:
     from core.api.containerd.services.images.v1 import images_pb2 as pb
 
-    return client.call(_stub(client).Get, pb.GetImageRequest(name=name)).image
+    return client.call(service_stub(client).Get, pb.GetImageRequest(name=name)).image
 
 
 def list_images(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.images.v1 import images_pb2 as pb
 
-    response = client.call(_stub(client).List, pb.ListImagesRequest(filters=args.filters))
+    response = client.call(service_stub(client).List, pb.ListImagesRequest(filters=args.filters))
     print_records([image_record(image) for image in response.images], IMAGE_COLUMNS, args, key="name")
     return 0
 
@@ -128,7 +128,7 @@ def list_images(client: Client, args: argparse.Namespace) -> int:
 def remove_images(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.images.v1 import images_pb2 as pb
 
-    stub = _stub(client)
+    stub = service_stub(client)
 
     def remove(name: str) -> None:
         client.call(stub.Delete, pb.DeleteImageRequest(name=name, sync=args.sync))
@@ -146,7 +146,7 @@ def label_image(client: Client, args: argparse.Namespace) -> int:
     request = pb.UpdateImageRequest(
         image=pb.Image(name=args.name, labels=labels), update_mask=field_mask_pb2.FieldMask(paths=paths)
     )
-    print(labels_text(client.call(_stub(client).Update, request).image.labels))
+    print(labels_text(client.call(service_stub(client).Update, request).image.labels))
     return 0
 
 
@@ -155,8 +155,8 @@ def tag_image(client: Client, args: argparse.Namespace) -> int:
 
     from core.api.containerd.services.images.v1 import images_pb2 as pb
 
-    stub = _stub(client)
-    source = _get(client, args.source)
+    stub = service_stub(client)
+    source = get_image(client, args.source)
 
     def tag(name: str) -> None:
         image = pb.Image(name=name, target=source.target, labels=source.labels)
@@ -175,15 +175,15 @@ def _exists(client: Client, name: str) -> bool:
 
     # A filter, not Get: a missing image is an answer here, not an error.
     request = pb.ListImagesRequest(filters=[f"name=={json.dumps(name)}"])
-    return bool(client.call(_stub(client).List, request).images)
+    return bool(client.call(service_stub(client).List, request).images)
 
 
 def inspect_image(client: Client, args: argparse.Namespace) -> int:
-    print_json(image_record(_get(client, args.name)))
+    print_json(image_record(get_image(client, args.name)))
     return 0
 
 
-def _unpack(client: Client, name: str, snapshotter: str, platform: str) -> Any:
+def unpack(client: Client, name: str, snapshotter: str, platform: str) -> Any:
     from core.api.containerkit.services.unpack.v1 import unpack_pb2 as pb
     from core.api.containerkit.services.unpack.v1 import unpack_pb2_grpc
 
@@ -192,7 +192,7 @@ def _unpack(client: Client, name: str, snapshotter: str, platform: str) -> Any:
 
 
 def unpack_image(client: Client, args: argparse.Namespace) -> int:
-    result = _unpack(client, args.name, args.snapshotter, args.platform)
+    result = unpack(client, args.name, args.snapshotter, args.platform)
     print(f"{args.name}: {result.chain_id} ({result.layers} layers, {result.applied} applied now)")
     return 0
 
@@ -215,7 +215,7 @@ def mount_image(client: Client, args: argparse.Namespace) -> int:
     target = os.path.abspath(args.target)
     if not os.path.isdir(target):
         raise CliError(f"mount target {target} is not a directory")
-    snapshots, leases = snapshot_cli._stub(client), lease_cli._stub(client)
+    snapshots, leases = snapshot_cli.service_stub(client), lease_cli.service_stub(client)
     lease = mount_lease_id(target)
     made_lease = made_snapshot = False
     if not _lease_exists(client, lease):
@@ -230,7 +230,7 @@ def mount_image(client: Client, args: argparse.Namespace) -> int:
         # The lease holds the key before the snapshot exists, so no collection can come between.
         resource = leases_pb2.Resource(id=target, type=f"snapshots/{args.snapshotter}")
         client.call(leases.AddResource, leases_pb2.AddResourceRequest(id=lease, resource=resource))
-        chain_id = _unpack(client, args.name, args.snapshotter, args.platform).chain_id
+        chain_id = unpack(client, args.name, args.snapshotter, args.platform).chain_id
         print(chain_id, flush=True)
         mounts = _probe(client, snapshots.Mounts, pb.MountsRequest(snapshotter=args.snapshotter, key=target))
         if mounts is None:
@@ -269,8 +269,8 @@ def unmount_image(client: Client, args: argparse.Namespace) -> int:
     if args.rm:
         lease = mount_lease_id(target)
         if _lease_exists(client, lease):
-            client.call(lease_cli._stub(client).Delete, leases_pb2.DeleteRequest(id=lease))
-        snapshots = snapshot_cli._stub(client)
+            client.call(lease_cli.service_stub(client).Delete, leases_pb2.DeleteRequest(id=lease))
+        snapshots = snapshot_cli.service_stub(client)
         if _probe(client, snapshots.Stat, pb.StatSnapshotRequest(snapshotter=args.snapshotter, key=target)):
             client.call(snapshots.Remove, pb.RemoveSnapshotRequest(snapshotter=args.snapshotter, key=target))
     print(target)
@@ -281,7 +281,7 @@ def _lease_exists(client: Client, lease: str) -> bool:
     from core.api.containerd.services.leases.v1 import leases_pb2
 
     request = leases_pb2.ListRequest(filters=[f"id=={json.dumps(lease)}"])
-    return bool(client.call(lease_cli._stub(client).List, request).leases)
+    return bool(client.call(lease_cli.service_stub(client).List, request).leases)
 
 
 def _probe(client: Client, method: Any, request: Any) -> Any | None:

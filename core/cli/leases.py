@@ -48,7 +48,7 @@ def add_commands(commands: Any) -> None:
     rm.set_defaults(handler=remove_leases)
 
 
-def _stub(client: Client) -> Any:
+def service_stub(client: Client) -> Any:
     from core.api.containerd.services.leases.v1 import leases_pb2_grpc
 
     return leases_pb2_grpc.LeasesStub(client.channel)
@@ -75,7 +75,7 @@ def create_lease(client: Client, args: argparse.Namespace) -> int:
 
     # An explicit containerd.io/gc.expire label wins over --expires.
     labels = {**expiry_label(args.expires), **parse_labels([*args.labels, *args.label])}
-    response = client.call(_stub(client).Create, pb.CreateRequest(id=args.id, labels=labels))
+    response = client.call(service_stub(client).Create, pb.CreateRequest(id=args.id, labels=labels))
     print(response.lease.id)
     return 0
 
@@ -83,7 +83,7 @@ def create_lease(client: Client, args: argparse.Namespace) -> int:
 def list_leases(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.leases.v1 import leases_pb2 as pb
 
-    response = client.call(_stub(client).List, pb.ListRequest(filters=args.filters))
+    response = client.call(service_stub(client).List, pb.ListRequest(filters=args.filters))
     print_records([lease_record(lease) for lease in response.leases], LEASE_COLUMNS, args, key="id")
     return 0
 
@@ -91,7 +91,7 @@ def list_leases(client: Client, args: argparse.Namespace) -> int:
 def remove_leases(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.leases.v1 import leases_pb2 as pb
 
-    stub = _stub(client)
+    stub = service_stub(client)
 
     def remove(lease_id: str) -> None:
         client.call(stub.Delete, pb.DeleteRequest(id=lease_id, sync=args.sync))

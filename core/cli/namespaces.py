@@ -35,7 +35,7 @@ def add_commands(commands: Any) -> None:
     label.set_defaults(handler=label_namespace)
 
 
-def _stub(client: Client) -> Any:
+def service_stub(client: Client) -> Any:
     from core.api.containerd.services.namespaces.v1 import namespace_pb2_grpc
 
     return namespace_pb2_grpc.NamespacesStub(client.channel)
@@ -45,14 +45,14 @@ def create_namespace(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.namespaces.v1 import namespace_pb2 as pb
 
     namespace = pb.Namespace(name=args.name, labels=parse_labels(args.labels))
-    client.call(_stub(client).Create, pb.CreateNamespaceRequest(namespace=namespace))
+    client.call(service_stub(client).Create, pb.CreateNamespaceRequest(namespace=namespace))
     return 0
 
 
 def list_namespaces(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.namespaces.v1 import namespace_pb2 as pb
 
-    stub = _stub(client)
+    stub = service_stub(client)
     items: list[dict[str, Any]] = []
     for filter_ in args.filters or [""]:
         response = client.call(stub.List, pb.ListNamespacesRequest(filter=filter_))
@@ -71,7 +71,7 @@ def list_namespaces(client: Client, args: argparse.Namespace) -> int:
 def remove_namespaces(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.namespaces.v1 import namespace_pb2 as pb
 
-    stub = _stub(client)
+    stub = service_stub(client)
     for_each(args.names, lambda name: client.call(stub.Delete, pb.DeleteNamespaceRequest(name=name)))
     return 0
 
@@ -84,5 +84,5 @@ def label_namespace(client: Client, args: argparse.Namespace) -> int:
     labels = parse_labels(args.labels)
     namespace = pb.Namespace(name=args.name, labels={k: v for k, v in labels.items() if v})
     mask = field_mask_pb2.FieldMask(paths=[f"labels.{key}" for key in labels])
-    client.call(_stub(client).Update, pb.UpdateNamespaceRequest(namespace=namespace, update_mask=mask))
+    client.call(service_stub(client).Update, pb.UpdateNamespaceRequest(namespace=namespace, update_mask=mask))
     return 0

@@ -75,7 +75,7 @@ def run_container(client: Client, args: argparse.Namespace) -> int:
         mounts = [oci_spec.parse_mount(text) for text in args.mount]
     except ContainerkitError as err:
         raise CliError(str(err)) from None
-    chain_id = images_cli._unpack(client, args.image, args.snapshotter, args.platform).chain_id
+    chain_id = images_cli.unpack(client, args.image, args.snapshotter, args.platform).chain_id
     config = _image_config(client, args.image, args.platform)
     _create_container(client, args, chain_id, config, mounts)
     try:
@@ -86,7 +86,7 @@ def run_container(client: Client, args: argparse.Namespace) -> int:
     finally:
         if args.rm:
             with contextlib.suppress(CliError):  # the first error is the one to report
-                containers_cli._remove(client, args.id, keep_snapshot=False)
+                containers_cli.remove(client, args.id, keep_snapshot=False)
 
 
 def _image_config(client: Client, name: str, platform: str) -> ImageConfig:
@@ -96,14 +96,14 @@ def _image_config(client: Client, name: str, platform: str) -> ImageConfig:
     from core.api.containerd.services.content.v1 import content_pb2
     from core.types import Descriptor, Platform
 
-    stub = content_cli._stub(client)
+    stub = content_cli.service_stub(client)
 
     def read(descriptor: Descriptor) -> bytes:
         request = content_pb2.ReadContentRequest(digest=descriptor.digest)
-        with content_cli._stream_errors(client):
-            return b"".join(chunk.data for chunk in stub.Read(request, metadata=content_cli._metadata(client)))
+        with client.stream_errors():
+            return b"".join(chunk.data for chunk in stub.Read(request, metadata=client.metadata()))
 
-    target = images_cli._get(client, name).target
+    target = images_cli.get_image(client, name).target
     try:
         matcher = oci.only(Platform.parse(platform)) if platform else None
         return oci.resolve_image(read, Descriptor(target.media_type, target.digest, target.size), matcher).config
@@ -125,12 +125,12 @@ def _create_container(
     from core.api.containerd.services.snapshots.v1 import snapshots_pb2
     from core.services.snapshots import mounts_of
 
-    leases, snapshots = lease_cli._stub(client), snapshot_cli._stub(client)
+    leases, snapshots = lease_cli.service_stub(client), snapshot_cli.service_stub(client)
     lease = f"ckctl-run-{uuid.uuid4().hex}"
     client.call(leases.Create, leases_pb2.CreateRequest(id=lease, labels=lease_cli.expiry_label(LEASE_EXPIRY)))
     try:
         prepare = snapshots_pb2.PrepareSnapshotRequest(snapshotter=args.snapshotter, key=args.id, parent=chain_id)
-        rootfs = mounts_of(tasks_cli.call_with(client, snapshots.Prepare, prepare, lease=lease).mounts)
+        rootfs = mounts_of(client.call(snapshots.Prepare, prepare, lease=lease).mounts)
         try:
             spec = _spec(client, args, config, mounts, rootfs)
             container = containers_pb2.Container(
@@ -203,7 +203,7 @@ def _start_detached(client: Client, id: str) -> None:
     """Create and start the task with no stdio (its output goes nowhere, as nobody reads it)."""
     from core.api.containerd.services.tasks.v1 import tasks_pb2 as pb
 
-    stub = tasks_cli._stub(client)
+    stub = tasks_cli.service_stub(client)
     client.call(stub.Create, pb.CreateTaskRequest(container_id=id))
     client.call(stub.Start, pb.StartRequest(container_id=id))
 
@@ -212,7 +212,7 @@ def _run_attached(client: Client, id: str, terminal: bool) -> int:
     """Create the task on FIFOs, run it attached, delete it; its exit status."""
     from core.api.containerd.services.tasks.v1 import tasks_pb2 as pb
 
-    stub = tasks_cli._stub(client)
+    stub = tasks_cli.service_stub(client)
     with tasks_cli.Stdio(terminal) as stdio:
         client.call(stub.Create, pb.CreateTaskRequest(container_id=id, **stdio.fields()))
         try:

@@ -98,7 +98,7 @@ def _add_label_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a label (repeat)")
 
 
-def _stub(client: Client) -> Any:
+def service_stub(client: Client) -> Any:
     from core.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 
     return snapshots_pb2_grpc.SnapshotsStub(client.channel)
@@ -132,7 +132,7 @@ def _listed(client: Client, snapshotter: str, filters: list[str]) -> list[Any]:
     request = _pb().ListSnapshotsRequest(snapshotter=snapshotter, filters=filters)
 
     def read_all(request: Any, **options: Any) -> list[Any]:
-        return [info for response in _stub(client).List(request, **options) for info in response.info]
+        return [info for response in service_stub(client).List(request, **options) for info in response.info]
 
     result: list[Any] = client.call(read_all, request)
     return result
@@ -156,12 +156,12 @@ def list_snapshots(client: Client, args: argparse.Namespace) -> int:
 
 def show_info(client: Client, args: argparse.Namespace) -> int:
     request = _pb().StatSnapshotRequest(snapshotter=args.snapshotter, key=args.key)
-    print_json(snapshot_record(client.call(_stub(client).Stat, request).info))
+    print_json(snapshot_record(client.call(service_stub(client).Stat, request).info))
     return 0
 
 
 def remove_snapshots(client: Client, args: argparse.Namespace) -> int:
-    stub, pb = _stub(client), _pb()
+    stub, pb = service_stub(client), _pb()
 
     def remove(key: str) -> None:
         client.call(stub.Remove, pb.RemoveSnapshotRequest(snapshotter=args.snapshotter, key=key))
@@ -171,7 +171,7 @@ def remove_snapshots(client: Client, args: argparse.Namespace) -> int:
 
 
 def show_usage(client: Client, args: argparse.Namespace) -> int:
-    stub, pb = _stub(client), _pb()
+    stub, pb = service_stub(client), _pb()
     keys = args.keys or [info.name for info in _listed(client, args.snapshotter, [])]
     records = []
     for key in keys:
@@ -182,7 +182,7 @@ def show_usage(client: Client, args: argparse.Namespace) -> int:
 
 
 def create_snapshot(client: Client, args: argparse.Namespace) -> int:
-    stub, pb = _stub(client), _pb()
+    stub, pb = service_stub(client), _pb()
     fields = {"snapshotter": args.snapshotter, "key": args.key, "parent": args.parent, "labels": _labels(args)}
     if args.verb == "prepare":
         mounts = client.call(stub.Prepare, pb.PrepareSnapshotRequest(**fields)).mounts
@@ -199,13 +199,13 @@ def commit_snapshot(client: Client, args: argparse.Namespace) -> int:
     request = _pb().CommitSnapshotRequest(
         snapshotter=args.snapshotter, name=args.name, key=args.key, labels=_labels(args)
     )
-    client.call(_stub(client).Commit, request)
+    client.call(service_stub(client).Commit, request)
     return 0
 
 
 def show_mounts(client: Client, args: argparse.Namespace) -> int:
     request = _pb().MountsRequest(snapshotter=args.snapshotter, key=args.key)
-    mounts = client.call(_stub(client).Mounts, request).mounts
+    mounts = client.call(service_stub(client).Mounts, request).mounts
     if args.json:
         print_json([mount_record(mount) for mount in mounts])
     else:
@@ -241,5 +241,5 @@ def label_snapshot(client: Client, args: argparse.Namespace) -> int:
         info=pb.Info(name=args.key, labels=labels),
         update_mask=field_mask_pb2.FieldMask(paths=paths),
     )
-    print(labels_text(client.call(_stub(client).Update, request).info.labels))
+    print(labels_text(client.call(service_stub(client).Update, request).info.labels))
     return 0

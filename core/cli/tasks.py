@@ -22,9 +22,8 @@ import tty
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from core.cli import content as content_cli
 from core.cli.args import add_listing_arguments, for_each
-from core.cli.client import CALL_TIMEOUT_SECONDS, Client, CliError
+from core.cli.client import Client, CliError
 from core.cli.output import print_json, print_table
 from core.cli.records import print_records
 
@@ -105,24 +104,10 @@ def parse_signal(text: str) -> int:
     raise argparse.ArgumentTypeError(f"invalid signal {text!r}")
 
 
-def _stub(client: Client) -> Any:
+def service_stub(client: Client) -> Any:
     from core.api.containerd.services.tasks.v1 import tasks_pb2_grpc
 
     return tasks_pb2_grpc.TasksStub(client.channel)
-
-
-def call_with(
-    client: Client,
-    method: Callable[..., Any],
-    request: Any,
-    *,
-    lease: str = "",
-    timeout: float | None = CALL_TIMEOUT_SECONDS,
-) -> Any:
-    """Client.call with what it does not take: a ``lease`` to create things under, another ``timeout``
-    (None: Wait blocks as long as the process runs). Errors as Client.call reports them."""
-    with content_cli._stream_errors(client):
-        return method(request, metadata=content_cli._metadata(client, lease), timeout=timeout)
 
 
 def unpack_any(value: Any, message: Any) -> bool:
@@ -157,7 +142,7 @@ def task_record(process: Any) -> dict[str, Any]:
 def list_tasks(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.tasks.v1 import tasks_pb2 as pb
 
-    tasks = client.call(_stub(client).List, pb.ListTasksRequest()).tasks
+    tasks = client.call(service_stub(client).List, pb.ListTasksRequest()).tasks
     print_records([task_record(task) for task in tasks], TASK_COLUMNS, args, key="id")
     return 0
 
@@ -168,7 +153,7 @@ def kill_task(client: Client, args: argparse.Namespace) -> int:
     if args.all and args.exec_id:
         raise CliError("give --exec-id or --all, not both")
     request = pb.KillRequest(container_id=args.id, exec_id=args.exec_id, signal=args.signal, all=args.all)
-    client.call(_stub(client).Kill, request)
+    client.call(service_stub(client).Kill, request)
     return 0
 
 
@@ -177,7 +162,7 @@ def list_processes(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.tasks.v1 import tasks_pb2 as pb
 
     processes = []
-    for info in client.call(_stub(client).ListPids, pb.ListPidsRequest(container_id=args.id)).processes:
+    for info in client.call(service_stub(client).ListPids, pb.ListPidsRequest(container_id=args.id)).processes:
         details = options_pb2.ProcessDetails()
         processes.append({"pid": info.pid, "exec_id": details.exec_id if unpack_any(info.info, details) else ""})
     if args.json:
@@ -190,14 +175,14 @@ def list_processes(client: Client, args: argparse.Namespace) -> int:
 def pause_task(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.tasks.v1 import tasks_pb2 as pb
 
-    client.call(_stub(client).Pause, pb.PauseTaskRequest(container_id=args.id))
+    client.call(service_stub(client).Pause, pb.PauseTaskRequest(container_id=args.id))
     return 0
 
 
 def resume_task(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.tasks.v1 import tasks_pb2 as pb
 
-    client.call(_stub(client).Resume, pb.ResumeTaskRequest(container_id=args.id))
+    client.call(service_stub(client).Resume, pb.ResumeTaskRequest(container_id=args.id))
     return 0
 
 
@@ -208,7 +193,7 @@ def show_metrics(client: Client, args: argparse.Namespace) -> int:
     from core.cli.records import timestamp_text
 
     request = pb.MetricsRequest(filters=[f"id=={args.id}"])
-    found = client.call(_stub(client).Metrics, request).metrics
+    found = client.call(service_stub(client).Metrics, request).metrics
     if not found:
         raise CliError(f"no metrics for task {args.id!r}")
     metric = found[0]
@@ -235,7 +220,7 @@ def exec_process(client: Client, args: argparse.Namespace) -> int:
 
     if not args.args:
         raise CliError("give the command to run after the container id")
-    stub = _stub(client)
+    stub = service_stub(client)
     containers = containers_pb2_grpc.ContainersStub(client.channel)
     container = client.call(containers.Get, containers_pb2.GetContainerRequest(id=args.id)).container
     try:
@@ -274,14 +259,14 @@ def remove_tasks(client: Client, args: argparse.Namespace) -> int:
 
     if args.exec_id and len(args.ids) != 1:
         raise CliError("--exec-id takes exactly one task id")
-    stub = _stub(client)
+    stub = service_stub(client)
 
     def remove(id: str) -> None:
         if args.force:
             kill = pb.KillRequest(container_id=id, exec_id=args.exec_id, signal=signal.SIGKILL, all=not args.exec_id)
             with contextlib.suppress(CliError):  # already stopped: nothing to kill
                 client.call(stub.Kill, kill)
-                call_with(client, stub.Wait, pb.WaitRequest(container_id=id, exec_id=args.exec_id), timeout=None)
+                client.call(stub.Wait, pb.WaitRequest(container_id=id, exec_id=args.exec_id), timeout=None)
         if args.exec_id:
             client.call(stub.DeleteProcess, pb.DeleteProcessRequest(container_id=id, exec_id=args.exec_id))
         else:
@@ -408,14 +393,14 @@ def attach(client: Client, container_id: str, exec_id: str, stdio: Stdio) -> int
     Returns the process's exit status; its output is complete when this returns."""
     from core.api.containerd.services.tasks.v1 import tasks_pb2 as pb
 
-    stub = _stub(client)
+    stub = service_stub(client)
     outcome: list[Any] = []
     done = threading.Event()
 
     def wait() -> None:
         try:
             request = pb.WaitRequest(container_id=container_id, exec_id=exec_id)
-            outcome.append(call_with(client, stub.Wait, request, timeout=None))
+            outcome.append(client.call(stub.Wait, request, timeout=None))
         except CliError as err:
             outcome.append(err)
         done.set()
