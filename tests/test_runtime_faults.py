@@ -139,6 +139,21 @@ def test_daemon_killed_with_20_running_restores_them(own: Any, busybox: str) -> 
         assert not running(before["r1"][0])
 
 
+def test_daemon_restarted_keeps_its_tasks(own: Any, busybox: str) -> None:
+    """A clean stop (SIGTERM) and start of containerkitd leaves running tasks running and managed: same pids,
+    exec works, and a task stopped after the restart reports its exit status."""
+    with image_place(own, busybox, namespace_for("test_daemon_restarted", "faults")) as place:
+        place.ctr("run", "-d", busybox, "kept", "sleep", "1000")
+        place.ctr("run", "-d", busybox, "ended", "sh", "-c", "trap 'exit 5' TERM; sleep 1000 & wait")
+        before = place.tasks()
+        own.restart()
+        assert place.tasks() == before
+        assert place.ctr("tasks", "exec", "--exec-id", "after", "kept", "echo", "still").stdout == "still\n"
+        place.ctr("tasks", "kill", "ended")
+        place.wait_status("ended", "STOPPED")
+        assert "task ended exit with non-zero exit code 5" in place.ctr("tasks", "rm", "ended").stderr
+
+
 # -- a shim killed -----------------------------------------------------------------------------------------
 
 
