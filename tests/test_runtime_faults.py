@@ -27,6 +27,7 @@ from interop import (
     Place,
     _daemons,
     busybox_image,
+    ctr,
     image_place,
     kill_leftovers,
     namespace_for,
@@ -328,13 +329,14 @@ def test_invalid_spec_json(containerkitd: Any, busybox: str) -> None:
 
 def footprint(daemon: Any, namespace: str) -> dict[str, Any]:
     """What runs would leak: mounts under the daemon's dirs, shim processes, bundle dirs of the namespace,
-    the namespace's cgroups (every hierarchy), and the daemon's open file descriptors."""
+    the namespace's cgroups (every hierarchy) and snapshots, and the daemon's open file descriptors."""
     cgroups = sorted(str(path) for path in Path("/sys/fs/cgroup").glob(f"*/{namespace}/*") if path.is_dir())
     return {
         "mounts": [point for point in _daemons.mount_points() if point.startswith(str(daemon.dir))],
         "shims": [pid for pid in processes_naming(str(daemon.state)) if pid != daemon.process.pid],
         "bundles": sorted(str(path) for path in daemon.state.rglob(f"{namespace}/*")),
         "cgroups": cgroups,
+        "snapshots": ctr(daemon, "snapshots", "ls", namespace=namespace).stdout.splitlines(),
         "fds": len(os.listdir(f"/proc/{daemon.process.pid}/fd")),
     }
 
