@@ -116,8 +116,16 @@ def process_pb(container_id: str, state: TaskState) -> Any:
         stderr=state.stdio.stderr,
         terminal=state.stdio.terminal,
         exit_status=state.exit_status,
-        exited_at=timestamp(state.exited_at),
+        exited_at=timestamp(state.exited_at) if state.exited_at else _go_zero_time(),
     )
+
+
+def _go_zero_time() -> Any:
+    """The ``exited_at`` of a process that has not exited: Go's zero time (0001-01-01T00:00:00Z), which
+    containerd sends there and ``ctr`` prints."""
+    from google.protobuf import timestamp_pb2
+
+    return timestamp_pb2.Timestamp(seconds=-62135596800)
 
 
 def metric_pb(metrics: Metrics) -> Any:

@@ -593,7 +593,7 @@ class Shim:
         stdio = params.get("stdio") or {}
         with self.cond:
             if exec_id in self.procs:
-                raise ShimError("AlreadyExists", f"exec process {exec_id!r} already exists")
+                raise ShimError("AlreadyExists", f"id {exec_id}")  # containerd's words
             if self.init().status != "running":
                 raise ShimError("FailedPrecondition", f"task {self.id} is not running")
             self.procs[exec_id] = Process(exec_id, stdio, {**spec, "terminal": bool(stdio.get("terminal"))})
