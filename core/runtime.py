@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -174,11 +174,13 @@ class Task(ABC):
         """The current :class:`TaskState` of the init process or of ``exec_id``. Never blocks on a dead shim."""
 
     @abstractmethod
-    def start(self, exec_id: str | None = None) -> int:
+    def start(self, exec_id: str | None = None, *, started: Callable[[int], None] | None = None) -> int:
         """Start the created init process or exec process; return its pid.
 
-        FailedPrecondition unless the process is CREATED; starting an exec process also needs the
-        task RUNNING.
+        ``started``, when given, is called with the pid once the process runs and before its
+        ``/tasks/exit`` can be published: a caller publishing the start event there keeps containerd's
+        order (start before exit) even for a process that ends at once. FailedPrecondition unless the
+        process is CREATED; starting an exec process also needs the task RUNNING.
         """
 
     @abstractmethod
@@ -215,7 +217,8 @@ class Task(ABC):
 
     @abstractmethod
     def resize_pty(self, width: int, height: int, exec_id: str | None = None) -> None:
-        """Resize the process's terminal. FailedPrecondition when it has no terminal."""
+        """Resize the process's terminal. Without one, a no-op for the init process (as containerd: a
+        client resizing while the task exits must not fail) and FailedPrecondition for an exec process."""
 
     @abstractmethod
     def close_io(self, exec_id: str | None = None) -> None:

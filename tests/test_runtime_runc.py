@@ -631,8 +631,7 @@ def test_fifos_stdin_close_io_and_terminal(harness: Harness) -> None:
     task.close_io()
     assert task.wait(timeout=10).exit_status == 0
     assert "to-err" in read_until(fifos["err"], "to-err")
-    with pytest.raises(FailedPrecondition):
-        task.resize_pty(80, 24)
+    task.resize_pty(80, 24)  # the init process has no terminal: a no-op, as containerd's
     task.delete()
 
     tty_out = harness.dir / "tty"

@@ -15,7 +15,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from datetime import UTC, datetime
 from pathlib import Path
@@ -128,13 +128,15 @@ class MemoryTask(Task):
         status, exited_at = (p.exit.exit_status, p.exit.exited_at) if p.exit else (0, None)
         return TaskState(self.id, p.pid, p.status, status, exited_at, p.stdio, exec_id, self.bundle)
 
-    def start(self, exec_id: str | None = None) -> int:
+    def start(self, exec_id: str | None = None, *, started: Callable[[int], None] | None = None) -> int:
         process = self._process(exec_id)
         if process.status is not TaskStatus.CREATED:
             raise FailedPrecondition(f"process {exec_id or self.id} is {process.status}, not created")
         if exec_id is not None and self.processes[None].status is not TaskStatus.RUNNING:
             raise FailedPrecondition("the task is not running")
         process.status = TaskStatus.RUNNING
+        if started is not None:
+            started(process.pid)
         return process.pid
 
     def delete(self, exec_id: str | None = None) -> ExitStatus:

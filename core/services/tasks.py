@@ -317,14 +317,15 @@ class TasksService:
             def Start(self, request: Any, context: grpc.ServicerContext) -> Any:
                 namespace, exec_id = namespace_of(context), _exec_id(request)
                 task = service.task(namespace, request.container_id)
-                pid = task.start(exec_id)
-                if exec_id is None:
-                    event: Any = events_pb.TaskStart(container_id=task.id, pid=pid)
-                    events.publish(namespace, "/tasks/start", event)
-                else:
-                    event = events_pb.TaskExecStarted(container_id=task.id, exec_id=exec_id, pid=pid)
-                    events.publish(namespace, "/tasks/exec-started", event)
-                return pb.StartResponse(pid=pid)
+
+                def started(pid: int) -> None:  # before the process's exit can be published
+                    if exec_id is None:
+                        events.publish(namespace, "/tasks/start", events_pb.TaskStart(container_id=task.id, pid=pid))
+                    else:
+                        event = events_pb.TaskExecStarted(container_id=task.id, exec_id=exec_id, pid=pid)
+                        events.publish(namespace, "/tasks/exec-started", event)
+
+                return pb.StartResponse(pid=task.start(exec_id, started=started))
 
             def Delete(self, request: Any, context: grpc.ServicerContext) -> Any:
                 namespace = namespace_of(context)

@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,6 +66,8 @@ _LAUNCH_SHIM = f"import sys; sys.path.insert(0, {str(SHIM.parent)!r}); import sh
 """``python -S -I -c`` program that runs the shim as an imported module: its bytecode is cached in
 ``__pycache__`` after the first task (a script given by path is compiled on every start, ~20 ms)."""
 SPAWN_TIMEOUT = 20.0
+START_REPORT_TIMEOUT = 5.0
+"""Longest an exit event waits for the start call of its process to report the pid."""
 SHUTDOWN_TIMEOUT = 5.0
 _SETTINGS = "runtime.json"
 _INIT = "init"
@@ -118,6 +120,8 @@ class _Process:
     watched: bool = False
     exit: ExitStatus | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    starting: threading.Event | None = None
+    """Set once a start call has reported the pid (or failed): the exit is published only after that."""
 
 
 class RuncTask(Task):
@@ -184,10 +188,16 @@ class RuncTask(Task):
             bundle=self.bundle,
         )
 
-    def start(self, exec_id: str | None = None) -> int:
-        pid = int(self._call("start", exec_id)["pid"])
+    def start(self, exec_id: str | None = None, *, started: Callable[[int], None] | None = None) -> int:
         process = self._record(exec_id)
-        process.pid = pid
+        process.starting = reported = threading.Event()
+        try:
+            pid = int(self._call("start", exec_id)["pid"])
+            process.pid = pid
+            if started is not None:
+                started(pid)
+        finally:
+            reported.set()
         self._watch(exec_id, process)
         return pid
 
@@ -339,6 +349,8 @@ class RuncTask(Task):
                 return
             process.exit = exit
         if publish:
+            if process.starting is not None:  # an exit that beat its start's answer waits for it
+                process.starting.wait(START_REPORT_TIMEOUT)
             self._runtime.publish_exit(self._namespace, self._id, exec_id, exit)
         process.done.set()
 

@@ -672,14 +672,17 @@ class Shim:
         return {"pids": [{"pid": pid, "exec_id": execs.get(pid, "")} for pid in pids or ()]}
 
     def do_resize(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Set the size of the process's terminal. FailedPrecondition without one."""
+        """Set the size of the process's terminal. Without one (never had, or closed at its exit) a no-op
+        for the init process, as containerd's, and FailedPrecondition for an exec process."""
         import fcntl
         import struct
         import termios
 
         proc = self.process(params)
         if proc.console < 0:
-            raise ShimError("FailedPrecondition", f"process {proc.exec_id or self.id} has no terminal")
+            if not proc.exec_id:
+                return {}
+            raise ShimError("FailedPrecondition", f"process {proc.exec_id} has no terminal")
         size = struct.pack("HHHH", int(params.get("height") or 0), int(params.get("width") or 0), 0, 0)
         fcntl.ioctl(proc.console, termios.TIOCSWINSZ, size)
         return {}
