@@ -262,6 +262,7 @@ class Shim:
         self.subscribers: list[socket.socket] = []
         self.cgroups: dict[str, str] = {}
         self.oom_kills = 0
+        self.oom_announced = 0  # 1 while an OOM was published before oom_kill counted it
         self.deleted = False
         self.counter = 0
         self.epoll = select.epoll()
@@ -328,6 +329,7 @@ class Shim:
         with self.cond:
             proc.exit, proc.status = record, "stopped"
             if not proc.exec_id and self.oom_fds[0] >= 0:
+                self.check_oom()  # an OOM that killed the init may be signalled but not yet read
                 self.epoll.unregister(self.oom_fds[0])
             self.cond.notify_all()
         self.publish({"topic": "/tasks/exit", "container_id": self.id, "id": proc.exec_id or self.id, **record})
@@ -504,18 +506,30 @@ class Shim:
         self.oom_fds = (event, counter)
 
     def check_oom(self) -> None:
-        """Publish ``/tasks/oom`` when the memory cgroup's oom_kill count grew."""
+        """Publish ``/tasks/oom`` for an OOM the kernel signalled: on cgroup v1 every eventfd
+        notification of a cgroup still there (it fires as the OOM starts, before ``oom_kill`` counts
+        it, as containerd's v1 watcher reads it); on v2 when ``memory.events``' oom_kill grew."""
         event, counter = self.oom_fds
+        if event < 0:
+            return
+        notified = False
         try:
             if event != counter:
-                os.read(event, 8)
+                notified = int.from_bytes(os.read(event, 8), "little") > 0
             os.lseek(counter, 0, os.SEEK_SET)
-            fields = dict(line.split() for line in os.read(counter, 4096).decode().splitlines())
+            fields = dict(line.split()[:2] for line in os.read(counter, 4096).decode().splitlines())
+        except BlockingIOError:
+            return  # no notification pending
         except (OSError, ValueError):
-            return
+            return  # the cgroup is gone: its removal woke us, not an OOM
         kills = int(fields.get("oom_kill", 0))
-        if kills > self.oom_kills:
-            self.oom_kills = kills
+        if kills > self.oom_kills:  # one event per kill, less the one announced early
+            fresh = kills - self.oom_kills - self.oom_announced
+            self.oom_kills, self.oom_announced = kills, 0
+            if fresh > 0:
+                self.publish({"topic": "/tasks/oom", "container_id": self.id})
+        elif notified and not self.oom_announced:  # v1: the OOM is under way, its kill not counted yet
+            self.oom_announced = 1
             self.publish({"topic": "/tasks/oom", "container_id": self.id})
 
     # -- methods --------------------------------------------------------------------------------------
