@@ -14,7 +14,7 @@ import grpc
 import pytest
 from conftest import CKCTL
 from google.protobuf import any_pb2
-from interop import ctr
+from interop import ctr, remove_namespace_dirs
 from test_ckctl import one_line_error, table
 from test_ctr_containers import pushed_busybox, watching
 
@@ -129,3 +129,4 @@ def test_rm_refuses_a_live_task_and_deletes_a_stopped_one_as_ctr(
     finally:
         ctr(containerkitd, "tasks", "rm", "-f", "sleeper", check=False, namespace=namespace)
         ctr(containerkitd, "containers", "rm", "sleeper", check=False, namespace=namespace)
+        remove_namespace_dirs(namespace)

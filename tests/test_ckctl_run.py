@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import CKCTL, RunningDaemon
+from interop import remove_namespace_dirs
 from oci_images import Layer, Layout, busybox_layer
 
 pytestmark = pytest.mark.skipif(
@@ -107,8 +108,7 @@ def place(request: pytest.FixtureRequest, containerkitd: RunningDaemon, images: 
     place = Place(containerkitd, f"run-{namespace}", images)
     yield place
     place.clean()
-    for parent in Path("/sys/fs/cgroup").glob(f"*/{place.namespace}"):  # runc removes each container's only
-        parent.rmdir()
+    remove_namespace_dirs(place.namespace)  # runc removes each container's cgroup, not the namespace's
 
 
 def assert_nothing_left(place: Place) -> None:

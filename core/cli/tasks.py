@@ -32,6 +32,8 @@ TASK_COLUMNS = {
     "PID": lambda task: task["pid"],
     "STATUS": lambda task: task["status"],
 }
+SIGNAL_CHECK_SECONDS = 0.1
+"""How often the main thread, waiting for the process, runs the signal handlers Python has queued."""
 FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 """What ``run`` and ``exec`` pass on to the process they attached to (ctr passes every catchable signal)."""
 OUTPUT_GRACE_SECONDS = 2.0
@@ -424,7 +426,10 @@ def attach(client: Client, container_id: str, exec_id: str, stdio: Stdio) -> int
     with _raw_terminal(stdio.terminal), _signal_handlers(handlers):
         client.call(stub.Start, pb.StartRequest(container_id=container_id, exec_id=exec_id))
         stdio.start(lambda: client.call(stub.CloseIO, close))
-        done.wait()
+        # Not one blocking wait: a signal the kernel hands to another thread (gRPC's) only sets a flag
+        # that the main thread checks when it runs, so the forwarding handler would never run.
+        while not done.wait(SIGNAL_CHECK_SECONDS):
+            pass
     stdio.finish()
     result = outcome[0]
     if isinstance(result, CliError):
