@@ -8,6 +8,7 @@ containerd runs with its default config except for the paths (see :func:`contain
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -184,6 +185,25 @@ def unmount_under(base: Path) -> list[str]:
             else:
                 done.append(point)
     return done
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every side-by-side benchmark takes: ``--inherit-env`` and ``--json``."""
+    parser.add_argument("--inherit-env", action="store_true", help="run containerkitd with this environment as is")
+    parser.add_argument("--json", action="store_true", help="print JSON (every sample) instead of a table")
+
+
+def running_as_root(script: str) -> bool:
+    """Whether this runs as root, as containerd needs; says so on stderr (naming ``script``) when not."""
+    if os.geteuid() == 0:
+        return True
+    print(f"{script}: run as root (containerd needs it)", file=sys.stderr)
+    return False
+
+
+def print_load() -> None:
+    """The host's 1-minute load average and CPU count, printed under a table: a busy host skews every figure."""
+    print(f"load average (1 min): {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
 
 def print_columns(rows: Sequence[Sequence[str]]) -> None:

@@ -32,7 +32,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from _daemons import REPO, SUBJECTS, cpu_ms, print_columns, python_env, start_daemon
+from _daemons import (
+    REPO,
+    SUBJECTS,
+    add_output_arguments,
+    cpu_ms,
+    print_columns,
+    print_load,
+    python_env,
+    running_as_root,
+    start_daemon,
+)
 
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -153,7 +163,7 @@ def print_table(results: dict[str, Any], runs: int) -> None:
         )
     print_columns(rows)
     print(f"\n{runs} runs per variant and daemon, fresh roots; target ratio <= {TARGET_RATIO}")
-    print(f"load average (1 min): {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    print_load()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,12 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (default 1)")
     parser.add_argument("--variants", default="gzip,zstd", help="layer compressions to pull (default gzip,zstd)")
     parser.add_argument("--dir", default="/tmp", help="parent of the daemons' temp dirs (default /tmp)")
-    parser.add_argument("--inherit-env", action="store_true", help="run containerkitd with this environment as is")
-    parser.add_argument("--json", action="store_true", help="print JSON (every sample) instead of a table")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
-    if os.geteuid() != 0:
-        print("pull.py: run as root (containerd needs it)", file=sys.stderr)
+    if not running_as_root("pull.py"):
         return 2
     if args.runs < 1 or args.warmup < 0 or not set(variants) <= {"gzip", "zstd", "tar"}:
         parser.error("--runs must be at least 1, --warmup at least 0, --variants from gzip, zstd, tar")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,19 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from _daemons import REPO, SUBJECTS, RunningDaemon, cpu_ms, print_columns, python_env, start_daemon, status_kb
+from _daemons import (
+    REPO,
+    SUBJECTS,
+    RunningDaemon,
+    add_output_arguments,
+    cpu_ms,
+    print_columns,
+    print_load,
+    python_env,
+    running_as_root,
+    start_daemon,
+    status_kb,
+)
 
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -161,7 +172,7 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
     ]
     print_columns(rows)
     print(f"\ntargets: run --rm and concurrent starts ratio <= {TARGET_RATIO}, shim RSS ratio <= {TARGET_RATIO}")
-    print(f"load average (1 min): {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    print_load()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,11 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured ctr run --rm per daemon first")
     parser.add_argument("--concurrent", type=int, default=50, help="containers started at once")
     parser.add_argument("--tasks", type=int, default=100, help="tasks running for the memory figures")
-    parser.add_argument("--inherit-env", action="store_true", help="run containerkitd with this environment as is")
-    parser.add_argument("--json", action="store_true", help="print JSON (every sample) instead of a table")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("run.py: run as root (containerd needs it)", file=sys.stderr)
+    if not running_as_root("run.py"):
         return 2
     if args.runs < 1 or args.warmup < 0 or args.concurrent < 1 or args.tasks < 1:
         parser.error("--runs, --concurrent and --tasks must be at least 1, --warmup at least 0")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _daemons import SUBJECTS, RunningDaemon, cpu_ms, print_columns, python_env, start_daemon
+from _daemons import (
+    SUBJECTS,
+    RunningDaemon,
+    add_output_arguments,
+    cpu_ms,
+    print_columns,
+    print_load,
+    python_env,
+    running_as_root,
+    start_daemon,
+)
 
 from core.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
 
@@ -106,18 +115,16 @@ def print_table(results: dict[str, Any], runs: int) -> None:
     ratio = ck["median_ms"]["prepare+commit"] / cd["median_ms"]["prepare+commit"]
     verdict = "met" if ratio <= TARGET_RATIO else "missed"
     print(f"\n{runs} runs per daemon; target ratio <= {TARGET_RATIO:.1f}: {verdict} ({ratio:.2f}x)")
-    print(f"load average (1 min): {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    print_load()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=200, help="measured prepare+commit per daemon (default 200)")
     parser.add_argument("--warmup", type=int, default=20, help="unmeasured runs first (default 20)")
-    parser.add_argument("--inherit-env", action="store_true", help="run containerkitd with this environment as is")
-    parser.add_argument("--json", action="store_true", help="print JSON (every sample) instead of a table")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("snapshots.py: run as root (containerd needs it)", file=sys.stderr)
+    if not running_as_root("snapshots.py"):
         return 2
     if args.runs < 1 or args.warmup < 0:
         parser.error("--runs must be at least 1, --warmup at least 0")
