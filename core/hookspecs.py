@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 if TYPE_CHECKING:
     from core.gc import ResourceKind
+    from core.metadata.containers import Container
 
 PROJECT = "containerkit"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -40,6 +42,29 @@ def containerkit_event(namespace: str, topic: str, event: Any) -> None:
     ``event`` is the protobuf message containerd publishes for that topic. Observers cannot veto or
     change anything; an exception is logged and does not reach the publisher or other observers.
     Called on the publisher's thread: return quickly.
+    """
+
+
+@hookspec
+def containerkit_task_prepare(namespace: str, container: Container, spec: Mapping[str, Any]) -> None:
+    """Prepare the host for a container's task just before the runtime creates it (e.g. make the
+    network namespace the spec names and attach the container's networks).
+
+    Called by the tasks service, in the daemon, on the creating call's thread; ``spec`` is the decoded
+    spec the runtime will get (read it, do not change it). Raising rejects the task creation with that
+    error (a :class:`~core.errors.ContainerkitError` keeps its code); an implementation that raises
+    undoes its own work first. Every successful call is later matched by
+    :func:`containerkit_task_released`, also when the runtime's create fails.
+    """
+
+
+@hookspec
+def containerkit_task_released(namespace: str, container_id: str) -> None:
+    """The container's task is gone (deleted, its create failed, or it was not found again after a
+    daemon restart): release what :func:`containerkit_task_prepare` made for it.
+
+    Must be idempotent and must not fail for a container that was never prepared; an exception is
+    logged and does not reach the caller or other implementations.
     """
 
 

@@ -18,7 +18,13 @@ from core.hookspecs import hookimpl, new_plugin_manager
 
 def test_every_hook_is_prefixed_and_documented():
     hooks = [name for name, value in vars(hookspecs).items() if hasattr(value, "containerkit_spec")]
-    assert hooks == ["containerkit_adjust_spec", "containerkit_event", "containerkit_gc_kinds"]
+    assert hooks == [
+        "containerkit_adjust_spec",
+        "containerkit_event",
+        "containerkit_task_prepare",
+        "containerkit_task_released",
+        "containerkit_gc_kinds",
+    ]
     for name in hooks:
         assert inspect.getdoc(getattr(hookspecs, name))
 

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
+import pluggy
 
 from core import filters
 from core.errors import (
@@ -171,11 +172,13 @@ class TasksService:
         snapshots: SnapshotMetadata,
         runtimes: Mapping[str, Runtime],
         events: Any,
+        hooks: pluggy.PluginManager | None = None,
     ) -> None:
         self._containers = containers
         self._snapshots = snapshots
         self._runtimes = dict(runtimes)
         self._events = events
+        self._hooks = hooks
         self._stopping = threading.Event()
 
     @property
@@ -254,12 +257,33 @@ class TasksService:
         if container.spec is None:
             raise InvalidArgument(f"container {container.id} has no spec")
         rootfs = mounts_of(request.rootfs) if request.rootfs else self._snapshot_mounts(namespace, container)
-        task = runtime.create(
-            CreateTaskRequest(namespace, container.id, container.spec, tuple(rootfs), _stdio(request), options)
-        )
+        if self._hooks is not None:
+            self._hooks.hook.containerkit_task_prepare(namespace=namespace, container=container, spec=container.spec)
+        try:
+            task = runtime.create(
+                CreateTaskRequest(namespace, container.id, container.spec, tuple(rootfs), _stdio(request), options)
+            )
+        except BaseException:
+            self.released(namespace, container.id)
+            raise
         pid = task.state().pid
         self._publish_create(namespace, task, request, rootfs, pid)
         return task, pid
+
+    def released(self, namespace: str, container_id: str) -> None:
+        """Tell the ``containerkit_task_released`` hooks that the container's task is gone (errors logged)."""
+        if self._hooks is None:
+            return
+        for implementation in self._hooks.hook.containerkit_task_released.get_hookimpls():
+            try:
+                implementation.function(namespace=namespace, container_id=container_id)
+            except Exception:
+                log.exception(
+                    "releasing the task of %s/%s in plugin %s failed",
+                    namespace,
+                    container_id,
+                    implementation.plugin_name,
+                )
 
     def _snapshot_mounts(self, namespace: str, container: Container) -> list[Mount]:
         """The mounts of the container's snapshot (none when it has no snapshot key)."""
@@ -331,6 +355,7 @@ class TasksService:
                 namespace = namespace_of(context)
                 task = service.task(namespace, request.container_id)
                 exited = task.delete()
+                service.released(namespace, task.id)
                 event = events_pb.TaskDelete(
                     container_id=task.id,
                     pid=exited.pid,
@@ -440,6 +465,7 @@ def _init(context: InitContext) -> TasksService:
         context.get("service", "snapshots").store,
         runtimes_by_name(context.records()),
         context.events,
+        context.hooks,
     )
     service.restore()
     return service
