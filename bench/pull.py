@@ -1,21 +1,30 @@
-"""Pull benchmark: ``ctr images pull --plain-http`` of a 256 MiB image of 9 layers from a local registry,
-containerkitd beside containerd 1.6, gzip and zstd layers.
+"""Pull benchmark: a 256 MiB image of 9 layers pulled from a local registry, gzip and zstd layers, three ways:
+``ckctl images pull`` (containerkitd pulls and unpacks inside the daemon, through its transfer service),
+``ctr images pull`` against containerkitd, and ``ctr images pull`` against containerd 1.6.
 
 The image is built once (tests/oci_images.py): 9 layers of 64, 48, 40, 32, 24, 20, 14, 10 and 4 MiB of
 file data (files of 4 KiB to 8 MiB, each half random bytes, half text that compresses about 4:1), in two
 variants with the same tar streams: gzip (level 6) and zstd (level 3) blobs. Both are pushed with skopeo
 to Debian's docker-registry on 127.0.0.1 (tests/interop.py). Then, ``--runs`` times, for each variant
-and each daemon (taking turns at going first), a daemon is started on a fresh temp dir
-(bench/_daemons.py), ``sync`` runs, and ``ctr -a SOCK -n bench images pull --plain-http REF`` is
-timed until it returns: ctr fetches the blobs from the registry and writes them into the daemon's
-content store (Content.Write), then unpacks the layers one by one through the daemon's snapshots
-(Prepare/Commit) and diff (Apply) services. The daemon's CPU time (all threads) for the pull is
-recorded too. The daemon is then stopped by pid, its mounts undone, its temp dir removed.
+and each way (taking turns at going first), a daemon is started on a fresh temp dir (bench/_daemons.py),
+``sync`` runs, its peak RSS is reset, and the pull is timed until the client returns:
 
-    /work/venv-ck/bin/python bench/pull.py [--runs 3] [--warmup 1] [--variants gzip,zstd] [--dir /tmp] [--json]
+- ``ckctl``: ``ckctl -a SOCK -n bench images pull --plain-http REF``: one Transfer.Pull call; the daemon
+  fetches the layers concurrently and applies each while it downloads (core/distribution/pull.py);
+- ``ctr``: ``ctr -a SOCK -n bench images pull --plain-http REF`` against containerkitd: ctr fetches the
+  blobs and writes them into the daemon's content store (Content.Write), then unpacks the layers one by
+  one through the daemon's snapshots (Prepare/Commit) and diff (Apply) services;
+- ``containerd``: the same ctr command against containerd.
 
-Numbers only: nothing here asserts on timing. Target from the issue: containerkit at most 0.8x
-containerd's time. Must run as root (containerd needs it).
+The daemon's CPU time (all threads) and peak RSS (VmHWM, reset before the pull) are recorded too: the
+RSS shows whether memory stays flat while 256 MiB stream through. The daemon is then stopped by pid,
+its mounts undone, its temp dir removed.
+
+    /work/venv-ck/bin/python bench/pull.py [--runs 3] [--warmup 1] [--variants gzip,zstd] [--ways ckctl,ctr,containerd]
+        [--dir /tmp] [--json]
+
+Numbers only: nothing here asserts on timing. Targets from the issues: ``ckctl`` at most 0.7x
+containerd's time, ``ctr`` against containerkitd at most 0.8x. Must run as root (containerd needs it).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,26 +44,31 @@ from typing import Any
 
 from _daemons import (
     REPO,
-    SUBJECTS,
+    RunningDaemon,
     add_output_arguments,
     cpu_ms,
     print_columns,
     print_load,
     python_env,
+    reset_peak_rss,
     running_as_root,
     start_daemon,
+    status_kb,
 )
 
 sys.path.insert(0, str(REPO / "tests"))
 
-from interop import Registry, ctr, running_registry  # tests/interop.py
+from interop import CTR_TIMEOUT_S, Registry, ctr, running_registry  # tests/interop.py
 from oci_images import Layer, Layout  # tests/oci_images.py
 
 NAMESPACE = "bench"
 LAYER_MIB = (64, 48, 40, 32, 24, 20, 14, 10, 4)
 FILE_SIZES = (4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 8 << 20)
 FILE_WEIGHTS = (30, 25, 20, 12, 8, 3, 2)
-TARGET_RATIO = 0.8
+WAYS = {"ckctl": "containerkit", "ctr": "containerkit", "containerd": "containerd"}
+"""Each way of pulling, and the daemon it pulls into."""
+TARGET_RATIOS = {"ckctl": 0.7, "ctr": 0.8}
+CKCTL = Path(sys.executable).parent / "ckctl"
 MIB = 1 << 20
 WORDS = (b"the", b"of", b"layer", b"image", b"snapshot", b"content", b"blob", b"digest", b"overlay", b"mount", b"a")
 
@@ -97,100 +112,130 @@ def push_images(registry: Registry, directory: Path, variants: list[str]) -> dic
     return refs
 
 
-def pull_once(subject: str, ref: str, env: dict[str, str] | None, parent: str) -> tuple[float, float]:
-    """Start ``subject`` fresh, pull ``ref`` with ctr (then check it unpacked every layer); returns
-    (seconds, daemon CPU ms)."""
+def pull_command(way: str, daemon: RunningDaemon, ref: str) -> None:
+    """Pull ``ref`` into ``daemon`` the ``way`` given; AssertionError (with stderr) when the client fails."""
+    if way != "ckctl":
+        ctr(daemon, "images", "pull", "--plain-http", ref, namespace=NAMESPACE)
+        return
+    argv = [str(CKCTL), "-a", str(daemon.address), "-n", NAMESPACE, "images", "pull", "--plain-http", ref]
+    result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=CTR_TIMEOUT_S)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
+
+
+def pull_once(way: str, ref: str, env: dict[str, str] | None, parent: str) -> tuple[float, float, float, float]:
+    """Start ``way``'s daemon fresh, pull ``ref`` (then check it unpacked every layer); returns (seconds,
+    daemon CPU ms, daemon RSS before the pull and peak RSS during it, both in MiB)."""
+    subject = WAYS[way]
     daemon = start_daemon(subject, env, parent)
     try:
         os.sync()
+        rss_before = status_kb(daemon.pid, "VmRSS")["VmRSS"] / 1024
+        if not reset_peak_rss(daemon.pid):
+            raise RuntimeError(f"{way}: cannot reset the peak RSS of pid {daemon.pid}")
         cpu0, t0 = cpu_ms(daemon.pid), time.perf_counter()
         try:
-            ctr(daemon, "images", "pull", "--plain-http", ref, namespace=NAMESPACE)
+            pull_command(way, daemon, ref)
             seconds, cpu = time.perf_counter() - t0, cpu_ms(daemon.pid) - cpu0
+            peak = status_kb(daemon.pid, "VmHWM")["VmHWM"] / 1024
             snapshots = ctr(daemon, "snapshots", "ls", namespace=NAMESPACE).stdout.splitlines()[1:]
         except AssertionError as err:
-            raise RuntimeError(f"{subject}: {err}") from None
+            raise RuntimeError(f"{way}: {err}") from None
         if len(snapshots) != len(LAYER_MIB):
-            raise RuntimeError(f"{subject}: {len(snapshots)} snapshots after the pull, not {len(LAYER_MIB)}")
-        return seconds, cpu
+            raise RuntimeError(f"{way}: {len(snapshots)} snapshots after the pull, not {len(LAYER_MIB)}")
+        return seconds, cpu, rss_before, peak
     finally:
         daemon.close()
 
 
-def measure(refs: dict[str, tuple[str, int]], args: argparse.Namespace, env: dict[str, str] | None) -> dict[str, Any]:
+SAMPLES = ("seconds", "cpu_ms", "rss_before_mib", "rss_peak_mib")
+
+
+def measure(
+    refs: dict[str, tuple[str, int]], ways: list[str], args: argparse.Namespace, env: dict[str, str] | None
+) -> dict[str, Any]:
     samples: dict[str, dict[str, dict[str, list[float]]]] = {
-        v: {s: {"seconds": [], "cpu_ms": []} for s in SUBJECTS} for v in refs
+        v: {w: {name: [] for name in SAMPLES} for w in ways} for v in refs
     }
     for run in range(args.warmup + args.runs):
         for variant, (ref, _) in refs.items():
-            for subject in SUBJECTS if run % 2 == 0 else tuple(reversed(SUBJECTS)):
-                seconds, cpu = pull_once(subject, ref, env, args.dir)
+            for way in ways if run % 2 == 0 else list(reversed(ways)):
+                measured = pull_once(way, ref, env, args.dir)
+                seconds, cpu, _, peak = measured
                 label = "warm-up" if run < args.warmup else f"run {run - args.warmup + 1}"
-                print(f"{label}: {variant} {subject} {seconds:.2f} s (daemon CPU {cpu / 1000:.2f} s)", file=sys.stderr)
+                details = f"daemon CPU {cpu / 1000:.2f} s, peak RSS {peak:.0f} MiB"
+                print(f"{label}: {variant} {way} {seconds:.2f} s ({details})", file=sys.stderr)
                 if run >= args.warmup:
-                    samples[variant][subject]["seconds"].append(seconds)
-                    samples[variant][subject]["cpu_ms"].append(cpu)
+                    for name, value in zip(SAMPLES, measured, strict=True):
+                        samples[variant][way][name].append(value)
     return {
         variant: {
             "compressed_mib": refs[variant][1] / MIB,
             **{
-                subject: {
+                way: {
                     **values,
                     "median_s": statistics.median(values["seconds"]),
                     "min_s": min(values["seconds"]),
                     "median_cpu_s": statistics.median(values["cpu_ms"]) / 1000,
+                    "max_rss_before_mib": max(values["rss_before_mib"]),
+                    "max_rss_peak_mib": max(values["rss_peak_mib"]),
                 }
-                for subject, values in per_subject.items()
+                for way, values in per_way.items()
             },
         }
-        for variant, per_subject in samples.items()
+        for variant, per_way in samples.items()
     }
 
 
-def print_table(results: dict[str, Any], runs: int) -> None:
-    header = ("variant", "containerkit median (min)", "containerd median (min)", "ratio ck/cd", "daemon CPU ck / cd")
+def print_table(results: dict[str, Any], ways: list[str], runs: int) -> None:
+    header = ["variant", "way", "median (min)", "ratio to containerd", "daemon CPU", "daemon RSS idle -> peak"]
     rows = [header]
     for variant, result in results.items():
-        ck, cd = result["containerkit"], result["containerd"]
-        rows.append(
-            (
-                f"{variant} ({result['compressed_mib']:.0f} MiB blobs, {sum(LAYER_MIB)} MiB data)",
-                f"{ck['median_s']:.2f} s ({ck['min_s']:.2f})",
-                f"{cd['median_s']:.2f} s ({cd['min_s']:.2f})",
-                f"{ck['median_s'] / cd['median_s']:.2f}x",
-                f"{ck['median_cpu_s']:.2f} s / {cd['median_cpu_s']:.2f} s",
+        for way in ways:
+            values = result[way]
+            ratio = f"{values['median_s'] / result['containerd']['median_s']:.2f}x" if "containerd" in result else "-"
+            rows.append(
+                [
+                    f"{variant} ({result['compressed_mib']:.0f} MiB blobs, {sum(LAYER_MIB)} MiB data)",
+                    way,
+                    f"{values['median_s']:.2f} s ({values['min_s']:.2f})",
+                    ratio if way != "containerd" else "",
+                    f"{values['median_cpu_s']:.2f} s",
+                    f"{values['max_rss_before_mib']:.0f} -> {values['max_rss_peak_mib']:.0f} MiB",
+                ]
             )
-        )
     print_columns(rows)
-    print(f"\n{runs} runs per variant and daemon, fresh roots; target ratio <= {TARGET_RATIO}")
+    targets = ", ".join(f"{way} <= {ratio}x" for way, ratio in TARGET_RATIOS.items() if way in ways)
+    print(f"\n{runs} runs per variant and way, fresh roots; targets: {targets}")
     print_load()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3, help="measured pulls per variant and daemon (default 3)")
+    parser.add_argument("--runs", type=int, default=3, help="measured pulls per variant and way (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (default 1)")
     parser.add_argument("--variants", default="gzip,zstd", help="layer compressions to pull (default gzip,zstd)")
+    parser.add_argument("--ways", default=",".join(WAYS), help=f"ways of pulling (default {','.join(WAYS)})")
     parser.add_argument("--dir", default="/tmp", help="parent of the daemons' temp dirs (default /tmp)")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
-    variants = args.variants.split(",")
+    variants, ways = args.variants.split(","), args.ways.split(",")
     if not running_as_root("pull.py"):
         return 2
-    if args.runs < 1 or args.warmup < 0 or not set(variants) <= {"gzip", "zstd", "tar"}:
-        parser.error("--runs must be at least 1, --warmup at least 0, --variants from gzip, zstd, tar")
+    if args.runs < 1 or args.warmup < 0 or not set(variants) <= {"gzip", "zstd", "tar"} or not set(ways) <= set(WAYS):
+        parser.error(f"--runs >= 1, --warmup >= 0, --variants from gzip, zstd, tar, --ways from {', '.join(WAYS)}")
     with tempfile.TemporaryDirectory(prefix="ckb-pull-", dir=args.dir) as base, running_registry() as registry:
         env = python_env(args.inherit_env, Path(base) / "pycache")
         refs = push_images(registry, Path(base) / "layout", variants)
         try:
-            results = measure(refs, args, env)
+            results = measure(refs, ways, args, env)
         except RuntimeError as err:
             print(f"pull.py: {err}", file=sys.stderr)
             return 1
     if args.json:
         print(json.dumps({"runs": args.runs, "warmup": args.warmup, "results": results}, indent=2))
     else:
-        print_table(results, args.runs)
+        print_table(results, ways, args.runs)
     return 0
 
 

@@ -44,6 +44,14 @@ class Unavailable(ContainerkitError):
     grpc_code = "UNAVAILABLE"
 
 
+class Unauthenticated(ContainerkitError):
+    """A remote service (a registry) refused the credentials given, or wants credentials none were given for.
+
+    The message names the host, never the credentials."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
 class OutOfRange(ContainerkitError):
     """An offset lies outside the object (a read past a blob's end, a write away from an ingest's offset)."""
 
@@ -64,6 +72,7 @@ ERRORS_BY_CODE: dict[str, type[ContainerkitError]] = {
         InvalidArgument,
         FailedPrecondition,
         Unavailable,
+        Unauthenticated,
         OutOfRange,
         NotImplementedByPlugin,
     )

@@ -306,8 +306,9 @@ def _entry_id(entry: list[str], field: int, path: str) -> int:
 
 def parse_mount(text: str) -> dict[str, Any]:
     """An OCI mount from ``ctr run --mount``'s syntax: comma-separated ``type=``, ``source=``/``src=``,
-    ``destination=``/``dst=`` and ``options=`` (colon-separated, e.g. ``rbind:ro``); a relative bind
-    source is made absolute here. InvalidArgument for anything else (see :func:`spec_from_image`'s checks)."""
+    ``destination=``/``dst=`` and ``options=`` (colon-separated, e.g. ``rbind:ro``; empty ones dropped); a
+    relative bind source is made absolute here, a ``type=volume`` source is a volume's name. InvalidArgument
+    for anything else (see :func:`spec_from_image`'s checks)."""
     keys = {"type": "type", "source": "source", "src": "source", "destination": "destination", "dst": "destination"}
     mount: dict[str, Any] = {"type": "", "source": "", "destination": "", "options": []}
     try:
@@ -319,7 +320,7 @@ def parse_mount(text: str) -> dict[str, Any]:
         if not sep:
             raise InvalidArgument(f"invalid mount {text!r}: expected key=value, got {field!r}")
         if key == "options":
-            mount["options"] = value.split(":")
+            mount["options"] = [option for option in value.split(":") if option]
         elif key in keys:
             mount[keys[key]] = value
         else:
@@ -330,17 +331,25 @@ def parse_mount(text: str) -> dict[str, Any]:
 
 
 def _checked_mount(mount: Mapping[str, Any]) -> dict[str, Any]:
-    """``mount`` checked for the runtime: volumes refused (not supported yet), an absolute destination,
-    bind mounts with an absolute source and ``rbind`` unless ``bind``/``rbind`` is given."""
+    """``mount`` checked for the runtime: an absolute destination; bind mounts with an absolute source
+    and ``rbind`` unless ``bind``/``rbind`` is given; volume mounts (``type=volume``, which the daemon's
+    volumes service turns into binds) with a valid volume name as source and only volume mount options
+    (:func:`core.volumes.bind_options`), kept as given."""
+    from core.volumes import bind_options, validate_name  # deferred: it imports the metadata store
+
     kind, source, destination = mount.get("type", ""), mount.get("source", ""), mount.get("destination", "")
     options = list(mount.get("options") or [])
-    if kind == "volume":
-        raise InvalidArgument(f"mount on {destination!r}: volume mounts are not supported yet; use type=bind")
     if not kind:
         raise InvalidArgument(f"mount on {destination!r}: missing type (e.g. type=bind)")
     if not destination.startswith("/"):
         raise InvalidArgument(f"mount of {source!r}: destination {destination!r} must be an absolute path")
-    if kind == "bind":
+    if kind == "volume":
+        try:
+            validate_name(source)
+            bind_options(options)
+        except InvalidArgument as err:
+            raise InvalidArgument(f"volume mount on {destination!r}: {err}") from None
+    elif kind == "bind":
         if not source.startswith("/"):
             raise InvalidArgument(f"bind mount on {destination!r}: source {source!r} must be an absolute path")
         if "bind" not in options and "rbind" not in options:

@@ -16,8 +16,12 @@ missing layer is extracted at once (a bounded pool) into a parentless snapshot l
 :data:`core.snapshot.LABEL_REBASE`, then the snapshots are rebased onto their parents in order.
 Others unpack one layer after the other. Both give the same snapshots.
 
+Layers are read from the namespace's content, or, given a :data:`LayerSource`, from wherever it
+opens them: a pull passes one that streams each blob from the registry into the content store and
+the differ at once, so that a layer is applied while it downloads.
+
 Everything runs under a temporary lease (expiring after a day should the process die), deleted at
-the end, so that garbage collection never takes half-done work.
+the end, so that garbage collection never takes half-done work; or under the caller's lease.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -42,7 +47,7 @@ from core.metadata.snapshots import LABEL_SNAPSHOT_REF, SnapshotMetadata
 from core.snapshot import LABEL_REBASE
 from core.types import Descriptor, Platform
 
-__all__ = ["DEFAULT_WORKERS", "UNPACK_KEY_PREFIX", "UnpackResult", "Unpacker"]
+__all__ = ["DEFAULT_WORKERS", "UNPACK_KEY_PREFIX", "LayerSource", "UnpackResult", "Unpacker"]
 
 log = logging.getLogger("containerkit.unpack")
 
@@ -53,6 +58,18 @@ DEFAULT_WORKERS = 4
 """Layers extracted at once when unpacking in parallel."""
 
 _LEASE_EXPIRY = timedelta(hours=24)
+
+LayerSource = Callable[[Descriptor], AbstractContextManager[Iterable[bytes]]]
+"""Opens a layer blob as chunks of bytes, in a ``with`` block. Leaving the block without an error
+means the chunks were the whole blob, verified against the descriptor and now in the namespace's
+content (so the layer's snapshot may be committed); an error raised in the block passes through the
+source (it may raise a better one, such as a digest mismatch). The chunks may be consumed from
+another thread than the one that entered the block, never from two at once."""
+
+
+def lease_expiry() -> str:
+    """The ``containerd.io/gc.expire`` value of a temporary lease made now: a day from now (RFC 3339)."""
+    return (datetime.now(UTC) + _LEASE_EXPIRY).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -109,41 +126,52 @@ class Unpacker:
         platform: Platform | None = None,
         *,
         rebase: bool | None = None,
+        source: LayerSource | None = None,
+        lease: str | None = None,
+        workers: int | None = None,
     ) -> UnpackResult:
         """Unpack the image whose target (index or manifest) is ``image_target`` for ``platform``
         (default: the host's) into ``snapshotter``; return its top chain id.
 
         ``rebase`` forces the parallel (True) or sequential (False) path; None picks by capability.
+        ``source`` opens the layers to apply (default: from the namespace's content); it is entered
+        only for layers whose snapshot is missing, so a layer blob may still be absent afterwards.
+        ``lease``, when given, holds the work (snapshots committed, blobs labelled) and is left in
+        place; otherwise a temporary lease does and is deleted at the end. ``workers`` overrides the
+        number of layers extracted at once. The index or manifest and the config must be in content.
         Errors: NotFound for a missing blob or no manifest for the platform; InvalidArgument for
         malformed documents or a layer count that differs from the config's diff ids;
         FailedPrecondition when a layer's diff id does not match the config ("diff id mismatch");
         the differ's and snapshotter's errors otherwise. After an error no snapshot is committed for
         the failed layer (those below it may remain, unreferenced, for garbage collection).
         """
-        parallel = snapshotter in self._rebase_snapshotters if rebase is None else rebase
-        expires = (datetime.now(UTC) + _LEASE_EXPIRY).strftime("%Y-%m-%dT%H:%M:%SZ")
-        lease = self._leases.create(namespace, labels={LABEL_GC_EXPIRE: expires}).id
+        parallel = self.rebases(snapshotter) if rebase is None else rebase
+        held = lease or self._leases.create(namespace, labels={LABEL_GC_EXPIRE: lease_expiry()}).id
         try:
             image = oci.resolve_image(lambda desc: self._read(namespace, desc), image_target, oci.only(platform))
             layers = _layers(image)
-            pending = self._pending(namespace, snapshotter, layers, lease)
+            pending = self._pending(namespace, snapshotter, layers, held)
             if pending and parallel:
-                self._unpack_parallel(namespace, snapshotter, pending, lease)
+                self._unpack_parallel(namespace, snapshotter, pending, held, source, workers or self._workers)
             else:
                 for layer in pending:
-                    self._commit(
-                        namespace, snapshotter, layer, self._extract(namespace, snapshotter, layer, lease), lease
-                    )
+                    key = self._extract(namespace, snapshotter, layer, held, source)
+                    self._commit(namespace, snapshotter, layer, key, held)
             top = layers[-1].chain_id
             label = f"{LABEL_GC_REF_SNAPSHOT}{snapshotter}"
             self._content.update(
                 namespace, BlobInfo(image.manifest.config.digest, labels={label: top}), [f"labels.{label}"]
             )
         finally:
-            self._leases.delete(namespace, lease)
+            if not lease:
+                self._leases.delete(namespace, held)
         log.debug("unpacked %s into %s: %s (%d of %d layers applied)", image_target.digest, snapshotter, top,
                   len(pending), len(layers))  # fmt: skip
         return UnpackResult(top, len(layers), len(pending))
+
+    def rebases(self, snapshotter: str) -> bool:
+        """Whether :meth:`unpack` extracts layers into ``snapshotter`` in parallel (it can rebase)."""
+        return snapshotter in self._rebase_snapshotters
 
     def _read(self, namespace: str, desc: Descriptor) -> bytes:
         with self._content.reader_at(namespace, desc) as reader:
@@ -162,10 +190,20 @@ class Unpacker:
             return layers[position + 1 :]
         return layers
 
-    def _extract(self, namespace: str, snapshotter: str, layer: _Layer, lease: str, *, rebase: bool = False) -> str:
+    def _extract(
+        self,
+        namespace: str,
+        snapshotter: str,
+        layer: _Layer,
+        lease: str,
+        source: LayerSource | None,
+        *,
+        rebase: bool = False,
+    ) -> str:
         """Prepare an active snapshot for ``layer`` (parentless and labelled for rebase if ``rebase``),
-        apply the layer and check its diff id; return the snapshot's key, or ``""`` when the layer's
-        snapshot exists already. On failure the active snapshot is removed."""
+        apply the layer (from ``source``, or from content when None) and check its diff id; return the
+        snapshot's key, or ``""`` when the layer's snapshot exists already. On failure the active
+        snapshot is removed."""
         key = f"{UNPACK_KEY_PREFIX}-{time.time_ns()}-{secrets.token_urlsafe(6)} {layer.chain_id}"
         labels = {LABEL_SNAPSHOT_REF: layer.chain_id}
         if rebase:
@@ -178,7 +216,11 @@ class Unpacker:
             self._snapshots.stat(namespace, snapshotter, layer.chain_id)  # unpacked meanwhile, else NotFound
             return ""
         try:
-            self._differ.apply(namespace, layer.blob, mounts, diff_id=layer.diff_id)
+            if source is None:
+                self._differ.apply(namespace, layer.blob, mounts, diff_id=layer.diff_id)
+            else:
+                with source(layer.blob) as chunks:
+                    self._differ.apply_stream(namespace, layer.blob, chunks, mounts, diff_id=layer.diff_id)
         except ContainerkitError as err:
             self._discard(namespace, snapshotter, key, lease)
             raise type(err)(f"{layer.name}: {err}") from err
@@ -208,11 +250,21 @@ class Unpacker:
         info = BlobInfo(layer.blob.digest, labels={LABEL_UNCOMPRESSED: layer.diff_id})
         self._content.update(namespace, info, [f"labels.{LABEL_UNCOMPRESSED}"])
 
-    def _unpack_parallel(self, namespace: str, snapshotter: str, pending: list[_Layer], lease: str) -> None:
-        """Extract every layer at once into parentless snapshots, then rebase them in order."""
-        with ThreadPoolExecutor(min(self._workers, len(pending)), thread_name_prefix="unpack") as pool:
+    def _unpack_parallel(
+        self,
+        namespace: str,
+        snapshotter: str,
+        pending: list[_Layer],
+        lease: str,
+        source: LayerSource | None,
+        workers: int,
+    ) -> None:
+        """Extract every layer at once (``workers`` at a time) into parentless snapshots, then rebase
+        them in order."""
+        with ThreadPoolExecutor(min(workers, len(pending)), thread_name_prefix="unpack") as pool:
             futures = [
-                pool.submit(self._extract, namespace, snapshotter, layer, lease, rebase=True) for layer in pending
+                pool.submit(self._extract, namespace, snapshotter, layer, lease, source, rebase=True)
+                for layer in pending
             ]
             done = 0
             try:

@@ -215,6 +215,15 @@ def test_parse_mount_as_ctr(tmp_path: Path) -> None:
     assert tmpfs == {"destination": "/scratch", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]}
 
 
+def test_parse_volume_mounts_keeps_them_for_the_daemon() -> None:
+    """A volume mount stays ``type: volume`` (the daemon's volumes service makes it a bind): its source is
+    the volume's name, its options as given (no ``rbind`` added here), empty options dropped."""
+    mount = oci_spec.parse_mount("type=volume,src=data,dst=/data")
+    assert mount == {"destination": "/data", "type": "volume", "source": "data", "options": []}
+    read_only = oci_spec.parse_mount("type=volume,source=my.data-1,destination=/d,options=ro::nosuid")
+    assert read_only == {"destination": "/d", "type": "volume", "source": "my.data-1", "options": ["ro", "nosuid"]}
+
+
 def test_relative_bind_source_becomes_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert oci_spec.parse_mount("type=bind,src=sub,dst=/x")["source"] == str(tmp_path / "sub")
@@ -223,7 +232,12 @@ def test_relative_bind_source_becomes_absolute(tmp_path: Path, monkeypatch: pyte
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("type=volume,src=data,dst=/data", "volume mounts are not supported yet"),
+        ("type=volume,src=../etc,dst=/data", r"volume mount on '/data': volume name \"../etc\" must match"),
+        ("type=volume,src=a/b,dst=/data", "volume name"),
+        ("type=volume,dst=/data", "volume name must not be empty"),
+        ("type=volume,src=" + "v" * 65 + ",dst=/data", "longer than 64 characters"),
+        ("type=volume,src=data,dst=/data,options=ro:size=1m", "'size=1m' not supported"),
+        ("type=volume,src=data,dst=data", "must be an absolute path"),
         ("src=/a,dst=/b", "missing type"),
         ("type=bind,src=/a,dst=b", "must be an absolute path"),
         ("type=bind,src=/a", "must be an absolute path"),
@@ -240,7 +254,10 @@ def test_mounts_are_appended_after_the_defaults(tmp_path: Path) -> None:
     extra = oci_spec.parse_mount(f"type=bind,src={tmp_path},dst=/data,options=ro")
     spec = oci_spec.spec_from_image(image(cmd=("sh",)), None, id="c", namespace="n", mounts=[extra], user="0:0")
     assert spec["mounts"][-1] == extra
-    with pytest.raises(InvalidArgument, match="volume"):
+    volume = {"type": "volume", "source": "data", "destination": "/v", "options": ["ro"]}
+    spec = oci_spec.spec_from_image(image(cmd=("sh",)), None, id="c", namespace="n", mounts=[volume], user="0:0")
+    assert spec["mounts"][-1] == volume
+    with pytest.raises(InvalidArgument, match="volume name"):
         oci_spec.spec_from_image(
             image(cmd=("sh",)),
             None,

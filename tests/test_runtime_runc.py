@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -31,6 +32,7 @@ from core.runtime import UNKNOWN_EXIT_STATUS, CreateTaskRequest, Stdio, TaskStat
 from core.types import Mount
 from plugins.runtime_runc import RuncConfig, RuncRuntime, init
 from plugins.runtime_runc.client import ShimClient, ShimError, ShimGone, Watcher, spawn_shim
+from plugins.runtime_runc.forkserver import Unusable
 from plugins.runtime_runc.runtime import SHIM, metrics_from_runc
 
 # -- the client against a fake shim ---------------------------------------------------------------------
@@ -261,9 +263,9 @@ def test_restore_adopts_a_live_shim_and_publishes_its_events(fake: Any, sockdir:
 def test_spawn_failure_names_the_log(sockdir: Path) -> None:
     log = sockdir / "shim.log"
     with pytest.raises(ShimError, match=r"exited with status 3.*broken shim"):
-        spawn_shim(["sh", "-c", "echo broken shim >&2; exit 3"], sockdir, sockdir / "x.sock", log, 5.0)
+        spawn_shim(["sh", "-c", "echo broken shim >&2; exit 3"], sockdir, log, 5.0)
     with pytest.raises(ShimError, match="did not serve"):
-        spawn_shim(["sleep", "30"], sockdir, sockdir / "x.sock", log, 0.3)
+        spawn_shim(["sleep", "30"], sockdir, log, 0.3)
 
 
 def test_metrics_from_runc_v1_and_v2_shapes() -> None:
@@ -431,7 +433,7 @@ class Harness:
         assert not [m for m in mount_points() if m.startswith(str(self.dir))]
         assert not list(self.state.glob("*/*/config.json"))
         assert not list((self.state / ".s").glob("*.sock"))
-        assert not [pid for pid, cmdline in running_shims().items() if str(self.state) in cmdline]
+        assert not running_shims(self.state)
 
     def cleanup(self) -> None:
         for runtime in self.runtimes:
@@ -452,13 +454,14 @@ def with_pid(pid_file: Path, action: Callable[[int], None]) -> None:
         action(int(pid_file.read_text()))
 
 
-def running_shims() -> dict[int, str]:
-    """The command lines of the running shims of any test, by pid (a zombie counts as gone)."""
+def running_shims(state: Path) -> dict[int, str]:
+    """The command lines of the running shims of the runtime on ``state`` (forked or spawned, each names
+    its bundle below it), by pid; a zombie counts as gone."""
     found = {}
     for entry in Path("/proc").iterdir():
         with contextlib.suppress(OSError):
             cmdline = (entry / "cmdline").read_text() if entry.name.isdigit() else ""
-            if str(SHIM) in cmdline and alive(int(entry.name)):
+            if f"--bundle\0{state}/" in cmdline and alive(int(entry.name)):
                 found[int(entry.name)] = cmdline
     return found
 
@@ -529,6 +532,80 @@ def test_lifecycle_files_and_exit_event(harness: Harness) -> None:
     with pytest.raises(NotFound):
         task.state()
     assert harness.runtime.tasks() == []
+
+
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name: [0] is the state, [1] the parent, [3] the session."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def proc_status(pid: int, key: str) -> str:
+    return next(line.split(":", 1)[1].strip() for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith(f"{key}:"))  # fmt: skip
+
+
+@needs_real
+def test_forked_shim_is_detached_and_found_by_its_bundle(harness: Harness) -> None:
+    """A shim forked by the fork server is reparented away from the zygote and the daemon, in a session of
+    its own that it does not lead, in its bundle, holds only its own fds and names its bundle and socket on
+    its command line; the zygote names no state directory and exits with the runtime."""
+    task = harness.create("forked", "sleep", "300")
+    bundle = Path(task.bundle)
+    shim = int((bundle / "shim.pid").read_text())
+    zygote = harness.runtime.fork_server.pid
+    assert zygote and zygote != shim
+    parent, session = int(proc_stat(shim)[1]), int(proc_stat(shim)[3])
+    assert parent not in (zygote, os.getpid()) and session not in (shim, os.getsid(0), os.getsid(zygote))
+    assert os.readlink(f"/proc/{shim}/cwd") == str(bundle)
+    assert os.readlink(f"/proc/{shim}/fd/0") == "/dev/null"
+    assert os.readlink(f"/proc/{shim}/fd/2") == str(bundle / "shim.log")
+    zygote_fds = {os.readlink(f"/proc/{zygote}/fd/{fd}") for fd in os.listdir(f"/proc/{zygote}/fd")}
+    shim_fds = {os.readlink(f"/proc/{shim}/fd/{fd}") for fd in os.listdir(f"/proc/{shim}/fd")}
+    assert not shim_fds & {link for link in zygote_fds if link.startswith("socket:")}
+    assert int(proc_status(shim, "SigBlk"), 16) == 0
+    cmdline = Path(f"/proc/{shim}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    assert cmdline[:4] == [os.fsencode(sys.executable), b"-S", b"-I", os.fsencode(SHIM)]
+    assert os.fsencode(bundle) in cmdline and os.fsencode(harness.runtime.socket_path("testns", "forked")) in cmdline
+    assert running_shims(harness.state).keys() == {shim}
+    assert str(harness.dir).encode() not in Path(f"/proc/{zygote}/cmdline").read_bytes()
+    task.kill(signal.SIGKILL)
+    task.wait(timeout=10)
+    task.delete()
+    harness.assert_clean()
+    harness.runtime.close()
+    assert not alive(zygote)
+
+
+@needs_real
+def test_fork_server_restarts_and_spawning_stands_in(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zygote killed is replaced at the next create; when the fork server cannot be used (or is off) the
+    shim is spawned as a new interpreter, and either way the task runs."""
+    fork_server = harness.runtime.fork_server
+    first = harness.create("one", "true")
+    first.delete()
+    killed = fork_server.pid
+    os.kill(killed, signal.SIGKILL)
+    second = harness.create("two", "true")
+    assert fork_server.pid not in (0, killed)
+    second.delete()
+
+    def unusable(*args: Any) -> int:
+        raise Unusable("off for the test")
+
+    monkeypatch.setattr(fork_server, "spawn", unusable)
+    spawned = harness.create("three", "sh", "-c", "exit 4")
+    shim = int((Path(spawned.bundle) / "shim.pid").read_text())
+    assert b"\0-c\0" in Path(f"/proc/{shim}/cmdline").read_bytes()
+    spawned.start()
+    assert spawned.wait(timeout=10).exit_status == 4
+    spawned.delete()
+    without = harness.open(fork_server=False)
+    assert without.fork_server is None
+    task = harness.create("four", "sh", "-c", "exit 5", runtime=without)
+    task.start()
+    assert task.wait(timeout=10).exit_status == 5
+    task.delete()
+    harness.assert_clean()
 
 
 @needs_real
@@ -684,6 +761,7 @@ def test_memory_limit_and_runc_root_option(harness: Harness) -> None:
 @needs_real
 def test_concurrent_tasks(harness: Harness) -> None:
     """Tasks created, started, waited for and deleted from many threads at once; no fd of theirs stays open."""
+    harness.runtime.restore()  # as at a daemon's start: the fork server's socket is open from then on
     fds = len(os.listdir("/proc/self/fd"))
     errors: list[BaseException] = []
 

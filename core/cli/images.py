@@ -1,6 +1,7 @@
-"""ckctl images ls|rm|label|tag|inspect|unpack|mount|unmount, as ``ctr images``: the namespace's image
-records (a name pointing at a target descriptor), unpacking them into snapshots, and mounting an
-image's root filesystem on this host. Pulling, pushing, export and import come with the distribution work."""
+"""ckctl images ls|rm|label|tag|inspect|unpack|mount|unmount|pull|push|export|import|convert|sign|verify, as
+``ctr images``: the namespace's image records (a name pointing at a target descriptor), unpacking them into
+snapshots, mounting an image's root filesystem on this host, and moving images between the daemon and
+registries or archive files through the daemon's transfer service (progress shown by :mod:`core.cli.progress`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import contextlib
 import hashlib
 import json
 import os
-from typing import Any
+import sys
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 from core.cli import leases as lease_cli
 from core.cli import snapshots as snapshot_cli
-from core.cli.args import add_listing_arguments, for_each, label_changes
+from core.cli.args import add_listing_arguments, for_each, label_changes, parse_labels
 from core.cli.client import Client, CliError
+from core.cli.login import local_errors, stored_credentials, user_credentials
 from core.cli.output import print_json
 from core.cli.records import human_size, labels_cell, labels_text, print_records, timestamp_text
 
@@ -25,6 +29,9 @@ IMAGE_COLUMNS = {
     "SIZE": lambda image: human_size(image["target"]["size"]),
     "LABELS": labels_cell,
 }
+
+COMPRESSIONS = ("zstd", "gzip")
+IMPORT_CHUNK_SIZE = 1 << 20
 
 LABEL_MOUNT_TARGET = "containerkit.io/mount.target"
 """Label of a lease made by ``ckctl images mount``: the absolute path the snapshot is mounted at."""
@@ -79,6 +86,58 @@ def add_commands(commands: Any) -> None:
     unmount.add_argument("target", metavar="TARGET")
     unmount.set_defaults(handler=unmount_image)
 
+    pull = verbs.add_parser("pull", help="fetch an image from a registry and unpack it, showing progress")
+    _add_registry_arguments(pull)
+    _add_platforms_argument(pull)
+    pull.add_argument("--all-platforms", action="store_true", help="fetch every platform (unpack the host's)")
+    _add_snapshotter_argument(pull, default="", what="the daemon's default, overlayfs")
+    pull.add_argument("--no-unpack", action="store_true", help="fetch only, do not unpack")
+    pull.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="label the image")
+    pull.add_argument("--signatures", action="store_true", help="also fetch the image's signatures")
+    pull.add_argument("--max-concurrent-downloads", type=int, default=0, metavar="N", help="layers fetched at once")
+    pull.add_argument("ref", metavar="REF")
+    pull.set_defaults(handler=pull_image)
+
+    push = verbs.add_parser("push", help="send a local image (LOCAL_REF, default REF) to a registry as REF")
+    _add_registry_arguments(push)
+    _add_platforms_argument(push)
+    push.add_argument("--compression", choices=COMPRESSIONS, default="", help="recompress the layers first")
+    push.add_argument("--chunk-size", type=int, default=0, metavar="BYTES", help="upload blobs in chunks")
+    push.add_argument("ref", metavar="REF")
+    push.add_argument("local_ref", metavar="LOCAL_REF", nargs="?", default="")
+    push.set_defaults(handler=push_image)
+
+    export = verbs.add_parser("export", help="write images as an OCI image layout tar (FILE - for stdout)")
+    _add_platforms_argument(export)
+    export.add_argument("file", metavar="FILE")
+    export.add_argument("refs", metavar="REF", nargs="+")
+    export.set_defaults(handler=export_images)
+
+    import_ = verbs.add_parser("import", help="import an OCI layout or docker-archive tar (FILE - for stdin)")
+    import_.add_argument("--base-name", default="", help="name for images the archive leaves unnamed")
+    _add_snapshotter_argument(import_, default="", what="the daemon's default, overlayfs")
+    import_.add_argument("--no-unpack", action="store_true", help="import only, do not unpack")
+    import_.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="label the images")
+    import_.add_argument("file", metavar="FILE")
+    import_.set_defaults(handler=import_images)
+
+    convert = verbs.add_parser("convert", help="recompress an image's layers into a new image")
+    convert.add_argument("--compression", choices=COMPRESSIONS, required=True)
+    convert.add_argument("--level", type=int, default=0, help="compression level (default: the codec's)")
+    convert.add_argument("source", metavar="SRC")
+    convert.add_argument("target", metavar="DST")
+    convert.set_defaults(handler=convert_image)
+
+    sign = verbs.add_parser("sign", help="sign an image's manifest with a private key (PEM)")
+    sign.add_argument("--key", required=True, help="PEM private key (Ed25519 or ECDSA P-256)")
+    sign.add_argument("name", metavar="REF")
+    sign.set_defaults(handler=sign_image)
+
+    verify = verbs.add_parser("verify", help="check an image's signatures against public keys (PEM)")
+    verify.add_argument("--key", action="append", required=True, help="PEM public key (repeatable)")
+    verify.add_argument("name", metavar="REF")
+    verify.set_defaults(handler=verify_image)
+
 
 def _add_snapshotter_argument(parser: argparse.ArgumentParser, default: str = "overlayfs", what: str = "") -> None:
     parser.add_argument("--snapshotter", default=default, help=f"snapshotter to use (default: {what or default})")
@@ -86,6 +145,19 @@ def _add_snapshotter_argument(parser: argparse.ArgumentParser, default: str = "o
 
 def _add_platform_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--platform", default="", help="os/arch[/variant] to pick from an index (default: the host's)")
+
+
+def _add_registry_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plain-http", action="store_true", help="talk plain HTTP to the registry")
+    parser.add_argument(
+        "--user", "-u", default="", metavar="USER[:PASS]", help="credentials (default: those ckctl login stored)"
+    )
+
+
+def _add_platforms_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--platform", action="append", default=[], help="os/arch[/variant] (repeatable; default: the host's)"
+    )
 
 
 def service_stub(client: Client) -> Any:
@@ -290,3 +362,173 @@ def _probe(client: Client, method: Any, request: Any) -> Any | None:
         return client.call(method, request)
     except CliError:
         return None
+
+
+def transfer_stub(client: Client) -> Any:
+    from core.api.containerkit.services.transfer.v1 import transfer_pb2_grpc
+
+    return transfer_pb2_grpc.TransferStub(client.channel)
+
+
+def registry_credentials(user: str, ref: str) -> tuple[str, str]:
+    """``--user USER[:PASS]`` when given, else what ``ckctl login`` stored for REF's registry."""
+    from core.distribution.reference import Reference
+
+    if user:
+        return user_credentials(user)
+    with local_errors():
+        domain = Reference.parse(ref).domain
+    return stored_credentials(domain)
+
+
+def follow_progress(client: Client, events: Iterator[Any]) -> Any:
+    """Render a Pull or Push progress stream as it comes; return the image its last event carries."""
+    from core.cli.progress import progress_renderer
+
+    image = None
+    with client.stream_errors(), progress_renderer() as render:
+        for event in events:
+            render(event)
+            if event.HasField("image"):
+                image = event.image
+    if image is None:
+        raise CliError("the transfer ended without an image")
+    return image
+
+
+def pull_image(client: Client, args: argparse.Namespace) -> int:
+    from core.api.containerkit.services.transfer.v1 import transfer_pb2 as pb
+
+    username, password = registry_credentials(args.user, args.ref)
+    request = pb.PullRequest(
+        ref=args.ref,
+        platforms=["all"] if args.all_platforms else args.platform,
+        snapshotter=args.snapshotter,
+        skip_unpack=args.no_unpack,
+        plain_http=args.plain_http,
+        username=username,
+        password=password,
+        labels=parse_labels(args.label),
+        max_concurrent=args.max_concurrent_downloads,
+        signatures=args.signatures,
+    )
+    follow_progress(client, transfer_stub(client).Pull(request, metadata=client.metadata()))
+    return 0
+
+
+def push_image(client: Client, args: argparse.Namespace) -> int:
+    from core.api.containerkit.services.transfer.v1 import transfer_pb2 as pb
+
+    username, password = registry_credentials(args.user, args.ref)
+    request = pb.PushRequest(
+        ref=args.ref,
+        local_name=args.local_ref,
+        platforms=args.platform,
+        plain_http=args.plain_http,
+        username=username,
+        password=password,
+        chunk_size=args.chunk_size,
+        compression=args.compression,
+    )
+    follow_progress(client, transfer_stub(client).Push(request, metadata=client.metadata()))
+    return 0
+
+
+def export_images(client: Client, args: argparse.Namespace) -> int:
+    """Stream the archive into FILE (removed again when the export fails) or stdout."""
+    from core.api.containerkit.services.transfer.v1 import transfer_pb2 as pb
+
+    chunks = transfer_stub(client).Export(
+        pb.ExportRequest(names=args.refs, platforms=args.platform), metadata=client.metadata()
+    )
+    if args.file == "-":
+        _write_chunks(client, chunks, sys.stdout.buffer)
+        return 0
+    try:
+        with open(args.file, "wb") as out:
+            _write_chunks(client, chunks, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(args.file)
+        raise
+    return 0
+
+
+def _write_chunks(client: Client, chunks: Iterator[Any], out: BinaryIO) -> None:
+    with client.stream_errors():
+        for chunk in chunks:
+            out.write(chunk.data)
+    out.flush()
+
+
+def import_images(client: Client, args: argparse.Namespace) -> int:
+    """Send FILE (or stdin) in chunks after the options; print each imported image's name and digest."""
+    from core.api.containerkit.services.transfer.v1 import transfer_pb2 as pb
+
+    options = pb.ImportOptions(
+        snapshotter=args.snapshotter,
+        skip_unpack=args.no_unpack,
+        base_name=args.base_name,
+        labels=parse_labels(args.label),
+    )
+
+    def requests(source: BinaryIO) -> Iterator[Any]:
+        yield pb.ImportChunk(options=options)
+        while data := source.read(IMPORT_CHUNK_SIZE):
+            yield pb.ImportChunk(data=data)
+
+    with _input(args.file) as source:
+        response = client.call(transfer_stub(client).Import, requests(source), timeout=None)
+    for image in response.images:
+        print(f"{image.name} {image.target.digest}")
+    return 0
+
+
+@contextlib.contextmanager
+def _input(path: str) -> Iterator[BinaryIO]:
+    """The file at ``path`` opened for reading (stdin's bytes for ``-``); CliError when it cannot be."""
+    if path == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        source = open(path, "rb")  # noqa: SIM115 - closed below, after the error translation
+    except OSError as err:
+        raise CliError(f"cannot read {path}: {err.strerror or err}") from None
+    with source:
+        yield source
+
+
+def convert_image(client: Client, args: argparse.Namespace) -> int:
+    from core.api.containerkit.services.transfer.v1 import transfer_pb2 as pb
+
+    request = pb.ConvertRequest(source=args.source, target=args.target, compression=args.compression, level=args.level)
+    image = client.call(transfer_stub(client).Convert, request, timeout=None).image
+    print(f"{image.name} {image.target.digest}")
+    return 0
+
+
+def sign_image(client: Client, args: argparse.Namespace) -> int:
+    from core.api.containerkit.services.transfer.v1 import transfer_pb2 as pb
+
+    request = pb.SignRequest(name=args.name, key=_read_key(args.key))
+    response = client.call(transfer_stub(client).Sign, request)
+    print(f"{args.name}: signed by key {response.key_id} ({response.signature.digest})")
+    return 0
+
+
+def verify_image(client: Client, args: argparse.Namespace) -> int:
+    """Print each valid signature; fails (the daemon's FAILED_PRECONDITION) when there is none."""
+    from core.api.containerkit.services.transfer.v1 import transfer_pb2 as pb
+
+    request = pb.VerifyRequest(name=args.name, public_keys=[_read_key(path) for path in args.key])
+    for signature in client.call(transfer_stub(client).Verify, request).signatures:
+        print(f"{args.name}: valid signature by key {signature.key_id} ({signature.artifact.digest})")
+    return 0
+
+
+def _read_key(path: str) -> bytes:
+    try:
+        with open(path, "rb") as key:
+            return key.read()
+    except OSError as err:
+        raise CliError(f"cannot read key {path}: {err.strerror or err}") from None

@@ -11,11 +11,41 @@ import os
 import signal
 import sys
 
-from core.cli import containers, content, events, images, leases, namespaces, plugins, run, snapshots, tasks, version
+from core.cli import (
+    containers,
+    content,
+    events,
+    images,
+    leases,
+    login,
+    namespaces,
+    networks,
+    plugins,
+    run,
+    snapshots,
+    tasks,
+    version,
+    volumes,
+)
 from core.cli.client import Client, CliError
 from core.config import DEFAULT_ADDRESS
 
-COMMAND_MODULES = (version, plugins, namespaces, content, images, leases, snapshots, containers, tasks, run, events)
+COMMAND_MODULES = (
+    version,
+    plugins,
+    namespaces,
+    content,
+    images,
+    login,
+    leases,
+    snapshots,
+    containers,
+    tasks,
+    run,
+    networks,
+    volumes,
+    events,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

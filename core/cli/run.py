@@ -7,6 +7,8 @@ prepared on its top layer, and the OCI spec is built here from the image config
 containerd). The container record is created under a short-lived lease, so garbage collection
 cannot take the snapshot in between. Attached, the exit status of the container's process is
 ckctl's; ``--rm`` then deletes the container and its snapshot too (the task is always deleted).
+``--net`` names the networks in the container's label ``containerkit.io/networks``: the daemon's networks
+service gives the task a network namespace attached to them (:mod:`core.services.networks`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ def add_commands(commands: Any) -> None:
         default=[],
         metavar="SPEC",
         help="type=bind,src=PATH,dst=PATH[,options=ro] (repeat)",
+    )
+    run.add_argument(
+        "--net",
+        action="append",
+        default=[],
+        metavar="NAME[=ADDRESS]",
+        help="join this network, with a fixed address if given (repeat; label containerkit.io/networks)",
     )
     run.add_argument(
         "--snapshotter",
@@ -140,6 +149,7 @@ def _create_container(
                 spec=any_pb2.Any(type_url=oci_spec.SPEC_TYPE_URL, value=json.dumps(spec).encode()),
                 snapshotter=args.snapshotter,
                 snapshot_key=args.id,
+                labels=_labels(args),
             )
             stub = containers_pb2_grpc.ContainersStub(client.channel)
             client.call(stub.Create, containers_pb2.CreateContainerRequest(container=container))
@@ -151,6 +161,13 @@ def _create_container(
     finally:
         with contextlib.suppress(CliError):
             client.call(leases.Delete, leases_pb2.DeleteRequest(id=lease))
+
+
+def _labels(args: argparse.Namespace) -> dict[str, str]:
+    """The container's labels: :data:`~core.services.networks.NETWORKS_LABEL` naming the ``--net`` networks."""
+    from core.services.networks import NETWORKS_LABEL
+
+    return {NETWORKS_LABEL: ",".join(args.net)} if args.net else {}
 
 
 def _spec(

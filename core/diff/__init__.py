@@ -9,7 +9,7 @@ and :mod:`core.diff.archive` extracts a tar stream into a directory.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from core.digest import Digest
 from core.oci import OCI_LAYER_GZIP
@@ -46,6 +46,27 @@ class Differ(ABC):
         ("... diff id mismatch: got X, want Y") when it differs. On any error the mounts hold a
         partly applied layer: the caller discards the snapshot.
         """
+
+    def apply_stream(
+        self,
+        namespace: str,
+        layer: Descriptor,
+        chunks: Iterable[bytes],
+        mounts: Sequence[Mount],
+        *,
+        diff_id: Digest | str | None = None,
+    ) -> Descriptor:
+        """Apply the layer described by ``layer`` whose blob bytes are ``chunks`` (as they arrive,
+        e.g. from a registry: nothing is read from the content store) onto ``mounts``.
+
+        Same result and errors as :meth:`apply` (NotFound aside); errors raised by ``chunks`` pass
+        through. The caller vouches for ``chunks`` being the blob of ``layer`` (checking its digest
+        is the caller's job, and it must not keep the layer until it has). The default applies with
+        :func:`core.diff.apply.apply_layer`; ``namespace`` is for plugins that need it.
+        """
+        from core.diff.apply import apply_layer
+
+        return apply_layer(chunks, layer.media_type, mounts, diff_id=diff_id)
 
     @abstractmethod
     def compare(

@@ -98,19 +98,31 @@ def decompress(chunks: Iterable[bytes], compression: Compression) -> Iterator[by
     return (chunk for chunk in source if chunk)
 
 
-def compressor(compression: Compression) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
-    """``(compress, flush)`` for writing a layer: feed pieces to ``compress``, end with ``flush()``."""
+def compressor(
+    compression: Compression, level: int | None = None
+) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
+    """``(compress, flush)`` for writing a layer: feed pieces to ``compress``, end with ``flush()``.
+
+    ``level`` is the gzip (1-9, default 6) or zstd (1-22, default 3) level; InvalidArgument outside those."""
     if compression is Compression.GZIP:
-        gzip = zlib.compressobj(6, zlib.DEFLATED, _GZIP_WBITS)
+        gzip = zlib.compressobj(_level(level, 6, 9), zlib.DEFLATED, _GZIP_WBITS)
         return gzip.compress, gzip.flush
     if compression is Compression.ZSTD:
         import zstandard
 
-        zstd = zstandard.ZstdCompressor(level=3).compressobj()
+        zstd = zstandard.ZstdCompressor(level=_level(level, 3, 22)).compressobj()
         return zstd.compress, zstd.flush
     if compression is Compression.NONE:
         return bytes, bytes
     raise ValueError(f"cannot compress as {compression}")
+
+
+def _level(level: int | None, default: int, highest: int) -> int:
+    if level is None:
+        return default
+    if not 1 <= level <= highest:
+        raise InvalidArgument(f"compression level {level} is out of range (1-{highest})")
+    return level
 
 
 def _detect(head: bytes) -> Compression:

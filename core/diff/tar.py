@@ -88,7 +88,8 @@ class TarEntry:
 
 class TarReader:
     """Entries of a tar stream given as chunks of bytes. Iterate for entries; before moving to the next,
-    the current entry's data may be copied with :meth:`copy_to` (whatever is left is skipped)."""
+    the current entry's data may be copied with :meth:`copy_to` or read with :meth:`data` (whatever is
+    left is skipped)."""
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
         self._chunks = iter(chunks)
@@ -104,20 +105,21 @@ class TarReader:
 
     def copy_to(self, fd: int) -> None:
         """Write the current entry's data to ``fd``; InvalidArgument when the stream ends first."""
-        buf, pos, remaining = self._buf, self._pos, self._remaining
-        while remaining:
-            if pos == len(buf):
-                self._remaining = remaining
-                if not self._next_chunk():
-                    self._truncated_data()
-                buf, pos = self._buf, 0
-            end = min(len(buf), pos + remaining)
-            view = buf[pos:end]
+        for view in self.data():
             while view:
                 view = view[os.write(fd, view) :]
-            remaining -= end - pos
-            pos = end
-        self._pos, self._remaining = pos, 0
+
+    def data(self) -> Iterator[memoryview]:
+        """The current entry's data in pieces (views of the stream's chunks, to be used before the next
+        piece is asked for); InvalidArgument when the stream ends first."""
+        while self._remaining:
+            if self._pos == len(self._buf) and not self._next_chunk():
+                self._truncated_data()
+            end = min(len(self._buf), self._pos + self._remaining)
+            view = self._buf[self._pos : end]
+            self._remaining -= end - self._pos
+            self._pos = end
+            yield view
 
     def drain(self) -> None:
         """Consume everything left in the stream (bytes after the end of the archive included)."""

@@ -15,7 +15,6 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from core.diff import LABEL_UNCOMPRESSED, Differ
-from core.diff.apply import apply_layer
 from core.diff.compression import WRITTEN_MEDIA_TYPES
 from core.diff.writer import write_diff
 from core.digest import Digest
@@ -50,7 +49,7 @@ class WalkingDiffer(Differ):
     ) -> Descriptor:
         started = time.perf_counter()
         with self._content.reader_at(namespace, layer) as reader:
-            applied = apply_layer(reader.chunks(chunk_size=READ_CHUNK), layer.media_type, mounts, diff_id=diff_id)
+            applied = self.apply_stream(namespace, layer, reader.chunks(chunk_size=READ_CHUNK), mounts, diff_id=diff_id)
         log.debug(
             "diff applied",
             extra={"d": f"{time.perf_counter() - started:.3f}s", "digest": layer.digest, "size": applied.size},

@@ -172,6 +172,17 @@ class ContainerStore:
             raise NotFound(f'container "{id}" in namespace "{namespace}": not found')
         return container
 
+    def runtime_name(self, namespace: str, id: str) -> str:
+        """The runtime name of container ``id`` of ``namespace`` (what a task lookup needs, without decoding
+        the rest). NotFound when there is none."""
+        with self._store.read() as conn:
+            row = conn.execute(
+                "SELECT runtime_name FROM containers WHERE namespace = ? AND id = ?", (namespace, id)
+            ).fetchone()
+        if row is None:
+            raise NotFound(f'container "{id}" in namespace "{namespace}": not found')
+        return str(row[0])
+
     def list(self, namespace: str, filters: Sequence[str] = ()) -> list[Container]:
         """The containers of ``namespace`` matching any of ``filters``, sorted by id.
 

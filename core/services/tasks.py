@@ -216,12 +216,11 @@ class TasksService:
 
     def task(self, namespace: str, container_id: str) -> Task:
         """The task of container ``container_id``; NotFound for a missing container or task."""
-        container = self._containers.get(namespace, container_id)
-        runtime = self.runtime(container.runtime_name)
+        runtime = self.runtime(self._containers.runtime_name(namespace, container_id))
         try:
-            return runtime.get(namespace, container.id)
+            return runtime.get(namespace, container_id)
         except NotFound:
-            raise NotFound(f"task {container.id} not found") from None
+            raise NotFound(f"task {container_id} not found") from None
 
     def tasks(self, namespace: str, selectors: Sequence[str] = ()) -> Iterator[Task]:
         """The namespace's tasks of every runtime whose ``id`` and ``namespace`` pass ``selectors``

@@ -1,7 +1,8 @@
 """The default runtime (plugin ``runtime.runc``, also answering to ``io.containerd.runc.v2``).
 
 Each task runs under a small shim process (``shim.py``, stdlib only) detached from the daemon, which
-drives runc (or a drop-in such as crun: ``binary = "crun"``) and outlives daemon restarts. Usable
+drives runc (or a drop-in such as crun: ``binary = "crun"``) and outlives daemon restarts. Shims are
+forked by a warm fork server (``forkserver.py``) rather than started as new interpreters. Usable
 without the daemon::
 
     from plugins.runtime_runc import RuncRuntime
@@ -38,6 +39,10 @@ class RuncConfig:
     shim_python: str = ""
     """The Python interpreter that runs the shims; empty: the daemon's own."""
 
+    fork_server: bool = True
+    """Fork shims from a warm fork server (one ``python -S -I`` that has imported the shim) instead of
+    starting an interpreter per task; shims are still spawned whenever it cannot be used."""
+
     restore_timeout: float = 1.0
     """Seconds each shim has to answer when the daemon starts; silent ones count as dead."""
 
@@ -59,6 +64,7 @@ def init(ctx: InitContext) -> RuncRuntime:
         binary=config.binary,
         root=config.root,
         shim_python=config.shim_python,
+        fork_server=config.fork_server,
         restore_timeout=config.restore_timeout,
         restore_workers=config.restore_workers,
     )

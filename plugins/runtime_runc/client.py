@@ -7,7 +7,7 @@ may be open at once.
 
 - :class:`ShimClient` makes calls; idle connections are pooled so concurrent callers each get their own.
 - :class:`Watcher` holds the long-lived requests (``wait``, ``events``) of every shim on one thread.
-- :func:`spawn_shim` starts a shim detached from the daemon and waits for its socket.
+- :func:`spawn_shim` starts a shim as a new interpreter (when the fork server cannot) and waits until it serves.
 
 A shim that cannot be reached (no socket, connection refused or dropped) raises :class:`ShimGone`;
 one that does not answer in time raises plain :class:`~core.errors.Unavailable`.
@@ -15,7 +15,6 @@ one that does not answer in time raises plain :class:`~core.errors.Unavailable`.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -24,7 +23,6 @@ import selectors
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from core.errors import (
     Unavailable,
 )
 
-__all__ = ["ShimClient", "ShimError", "ShimGone", "Watcher", "connect", "spawn_shim"]
+__all__ = ["ShimClient", "ShimError", "ShimGone", "Watcher", "connect", "spawn_shim", "tail"]
 
 log = logging.getLogger("containerkit.runtime.runc")
 
@@ -303,37 +301,29 @@ class Watcher:
             return False
 
 
-def spawn_shim(command: Sequence[str], cwd: Path, socket_path: Path, log_path: Path, timeout: float) -> None:
-    """Start the shim ``command`` in its own session and return once ``socket_path`` accepts connections.
+def spawn_shim(command: Sequence[str], cwd: Path, log_path: Path, timeout: float) -> None:
+    """Run the shim launcher ``command`` in its own session and return once it exited 0: the shim it forked
+    into the background serves its socket then.
 
-    Raises :class:`ShimError` (with the tail of ``log_path``) if the shim exits first or its socket
-    does not appear within ``timeout`` seconds; in that case the shim process is gone too.
+    Raises :class:`ShimError` (with the tail of ``log_path``) if it exits otherwise or runs for longer than
+    ``timeout`` seconds (then it is killed).
     """
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True
         )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if socket_path.exists():
-            try:
-                _Connection(str(socket_path), 1.0).close()
-            except OSError:
-                pass
-            else:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(0.5)  # reap the launcher when the shim forked into the background
-                return
-        code = process.poll()
-        if code:  # 0: it may have forked into the background; keep waiting for the socket
-            raise ShimError(f"shim exited with status {code} before serving: {_tail(log_path)}")
-        time.sleep(0.005)
-    process.kill()
-    process.wait()
-    raise ShimError(f"shim did not serve {socket_path} within {timeout:g}s: {_tail(log_path)}")
+    try:
+        code = process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise ShimError(f"shim did not serve within {timeout:g}s: {tail(log_path)}") from None
+    if code:
+        raise ShimError(f"shim exited with status {code} before serving: {tail(log_path)}")
 
 
-def _tail(path: Path, limit: int = 2000) -> str:
+def tail(path: Path, limit: int = 2000) -> str:
+    """The end of the log at ``path`` (for error messages)."""
     try:
         text = path.read_text(errors="replace").strip()
     except OSError:

@@ -4,7 +4,7 @@ Layout under the runtime's state directory::
 
     <state>/<namespace>/<id>/     the task's OCI bundle: config.json, rootfs/ (the rootfs mounts),
                                   runtime.json (binary, runc root), and the shim's shim.pid, shim.log
-                                  and exits/<exec id or "init">.json (durable exit records)
+                                  and exits/<exec id or "init">.json (exit records)
     <state>/.s/<16 hex>.sock      the shim's socket (short: unix socket paths are limited to 107 bytes)
     <state>/.runc/<namespace>/    runc's own state (``--root``) unless configured otherwise
 
@@ -52,7 +52,8 @@ from core.runtime import (
     TaskStatus,
 )
 from core.types import Mount
-from plugins.runtime_runc.client import ShimClient, ShimGone, Watcher, spawn_shim
+from plugins.runtime_runc.client import ShimClient, ShimError, ShimGone, Watcher, spawn_shim, tail
+from plugins.runtime_runc.forkserver import ForkServer, Unusable
 
 if TYPE_CHECKING:
     from core.events import Exchange
@@ -385,13 +386,12 @@ class RuncTask(Task):
             log.warning("shim of task %s did not shut down: %s", self._id, err)
         return 0 if _await_exit(self._shim_pid, SHUTDOWN_TIMEOUT) else self._shim_pid
 
-    def launch(self, python: str, stdio: Stdio) -> None:
-        """Start the task's shim (with interpreter ``python``) in its ready bundle and create the init process."""
+    def launch(self, stdio: Stdio) -> None:
+        """Start the task's shim in its ready bundle and create the init process."""
         self._socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._socket.unlink(missing_ok=True)
         Path(self._settings.runc_root).mkdir(mode=0o711, parents=True, exist_ok=True)
-        command = [
-            python, "-S", "-I", "-c", _LAUNCH_SHIM,
+        args = [
             "--namespace", self._namespace,
             "--id", self._id,
             "--bundle", self.bundle,
@@ -400,8 +400,7 @@ class RuncTask(Task):
             "--runc-root", self._settings.runc_root,
             "--log", str(self._bundle / "shim.log"),
         ]  # fmt: skip
-        spawn_shim(command, self._bundle, self._socket, self._bundle / "shim-start.log", SPAWN_TIMEOUT)
-        self._shim_pid = self._client.ping(SPAWN_TIMEOUT)
+        self._shim_pid = self._runtime.start_shim(self._bundle, args)
         self.watch_events()
         init = self._record(None)
         init.pid = int(self._call("create", None, stdio=_stdio(stdio))["pid"])
@@ -469,6 +468,7 @@ class RuncRuntime(Runtime):
         binary: str = "runc",
         root: str = "",
         shim_python: str = "",
+        fork_server: bool = True,
         restore_timeout: float = 1.0,
         restore_workers: int = 32,
     ) -> None:
@@ -480,9 +480,11 @@ class RuncRuntime(Runtime):
         self.restore_timeout = restore_timeout
         self.restore_workers = restore_workers
         self.watcher = Watcher()
+        self.fork_server = ForkServer(self.shim_python, str(SHIM.parent)) if fork_server else None
         self.closed = False
         self._tasks: dict[tuple[str, str], RuncTask] = {}
         self._reserved: set[tuple[str, str]] = set()
+        self._binaries: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def bundle_path(self, namespace: str, id: str) -> Path:
@@ -499,9 +501,10 @@ class RuncRuntime(Runtime):
         ns = identifiers.validate(request.namespace, "namespace")
         id = identifiers.validate(request.id, "task id")
         settings = self._settings(ns, request.options)
-        spec = dict(_json_safe(request.spec, "spec"))
+        spec = dict(_json_safe(request.spec, "spec", check=False))
         if request.rootfs:
             spec["root"] = {**(spec.get("root") or {}), "path": "rootfs"}
+        config = _json_text(spec, "spec")
         key = (ns, id)
         with self._lock:
             if key in self._tasks or key in self._reserved or self.bundle_path(ns, id).exists():
@@ -510,8 +513,8 @@ class RuncRuntime(Runtime):
         task = RuncTask(self, ns, id, settings)
         try:
             try:
-                self._make_bundle(task.bundle, spec, request.rootfs, settings)
-                task.launch(self.shim_python, request.stdio)
+                self._make_bundle(task.bundle, config, request.rootfs, settings)
+                task.launch(request.stdio)
             except BaseException:
                 task.discard()
                 raise
@@ -534,6 +537,8 @@ class RuncRuntime(Runtime):
             return [t for (ns, _), t in sorted(self._tasks.items()) if namespace is None or ns == namespace]
 
     def restore(self) -> list[Task]:
+        if self.fork_server is not None:
+            self.fork_server.start()  # warm before the first create
         found: list[tuple[str, str, _Settings]] = []
         for ns_dir in sorted(self.state.iterdir()) if self.state.is_dir() else ():
             if ns_dir.name.startswith(".") or not ns_dir.is_dir():
@@ -561,12 +566,34 @@ class RuncRuntime(Runtime):
             return
         self.closed = True
         self.watcher.close()
+        if self.fork_server is not None:
+            self.fork_server.close()
         with self._lock:
             tasks = list(self._tasks.values())
         for task in tasks:
             task.disconnect()
 
     # -- for tasks ---------------------------------------------------------------------------------------
+
+    def start_shim(self, bundle: Path, args: list[str]) -> int:
+        """Start a shim with ``args`` for ``bundle`` (forked by the zygote; spawned when it is off or unusable)
+        and return its pid once its socket listens. ShimError (with its log) if it fails first."""
+        if self.fork_server is not None:
+            shim_log = bundle / "shim.log"
+            title = [self.shim_python, "-S", "-I", str(SHIM), *args]
+            try:
+                pid = self.fork_server.spawn(args, title, str(shim_log), SPAWN_TIMEOUT)
+            except Unusable as err:
+                log.info("%s: spawning the shim of %s instead", err, bundle)
+            except TimeoutError:
+                raise ShimError(f"shim did not serve within {SPAWN_TIMEOUT:g}s: {tail(shim_log)}") from None
+            else:
+                if not pid:
+                    raise ShimError(f"shim exited before serving: {tail(shim_log)}")
+                return pid
+        command = [self.shim_python, "-S", "-I", "-c", _LAUNCH_SHIM, *args]
+        spawn_shim(command, bundle, bundle / "shim-start.log", SPAWN_TIMEOUT)
+        return int((bundle / "shim.pid").read_text())
 
     def teardown(self, ns: str, id: str, settings: _Settings | None, stale_shim: int, *, force: bool = False) -> None:
         """Remove what a task leaves on the host: the shim ``stale_shim`` (a pid, 0: none), with
@@ -619,18 +646,28 @@ class RuncRuntime(Runtime):
         if options.get("systemd_cgroup"):
             raise InvalidArgument("runc option systemd_cgroup is not supported (cgroupfs only)")
         name = options.get("binary_name") or self.binary
-        binary = shutil.which(name)
+        binary = self._binary(name)
         if binary is None:
             raise InvalidArgument(f"runtime binary {name!r} not found in PATH")
         return _Settings(binary, os.path.join(os.path.abspath(options.get("root") or self.root), ns))
 
-    def _make_bundle(self, path: str, spec: Mapping[str, Any], rootfs: Sequence[Mount], settings: _Settings) -> None:
-        """The bundle directory with config.json, runtime.json and ``rootfs`` mounted (InvalidArgument if it fails)."""
+    def _binary(self, name: str) -> str | None:
+        """The path of the runtime binary ``name`` (looked up in PATH once; again if it is no longer there)."""
+        path = self._binaries.get(name)
+        if path is None or not os.access(path, os.X_OK):
+            path = shutil.which(name)
+            if path is not None:
+                self._binaries[name] = path
+        return path
+
+    def _make_bundle(self, path: str, config: str, rootfs: Sequence[Mount], settings: _Settings) -> None:
+        """The bundle directory with config.json (``config``), runtime.json and ``rootfs`` mounted
+        (InvalidArgument if it fails)."""
         bundle = Path(path)
         bundle.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
         bundle.mkdir(mode=0o711)
         (bundle / "rootfs").mkdir(mode=0o711)
-        (bundle / "config.json").write_text(json.dumps(spec))
+        (bundle / "config.json").write_text(config)
         settings.save(bundle)
         if rootfs:
             try:
@@ -692,15 +729,21 @@ def _stdio(stdio: Stdio) -> dict[str, Any]:
     return {"stdin": stdio.stdin, "stdout": stdio.stdout, "stderr": stdio.stderr, "terminal": stdio.terminal}
 
 
-def _json_safe(value: Mapping[str, Any], what: str) -> Mapping[str, Any]:
-    """``value`` if it is a JSON object; InvalidArgument otherwise."""
+def _json_safe(value: Mapping[str, Any], what: str, *, check: bool = True) -> Mapping[str, Any]:
+    """``value`` if it is a mapping that (with ``check``) encodes as JSON; InvalidArgument otherwise."""
     if not isinstance(value, Mapping):
         raise InvalidArgument(f"{what} must be a JSON object, not {type(value).__name__}")
+    if check:
+        _json_text(value, what)
+    return value
+
+
+def _json_text(value: Mapping[str, Any], what: str) -> str:
+    """``value`` as JSON text; InvalidArgument if it cannot be encoded."""
     try:
-        json.dumps(value)
+        return json.dumps(value)
     except (TypeError, ValueError) as err:
         raise InvalidArgument(f"{what} is not valid JSON: {err}") from None
-    return value
 
 
 @functools.cache

@@ -1,8 +1,9 @@
 """Per-task shim: drives runc (or crun) for one container and serves newline-delimited JSON on a unix socket.
 
 Run as ``python3 -S -I shim.py --namespace NS --id ID --bundle DIR --socket SOCK --binary runc
---runc-root ROOT [--log FILE]``. Standalone and stdlib-only (it imports nothing from containerkit) so that
-it starts fast and stays small. The process detaches (it forks; the parent exits 0 once the socket
+--runc-root ROOT [--log FILE]`` (:func:`main`), or forked ready-made by the fork server (``forkserver.py``,
+:func:`serve_forked`). Standalone and stdlib-only (it imports nothing from containerkit) so that it starts
+fast and stays small. The process detaches (run as a program it forks; the parent exits 0 once the socket
 listens), writes ``<bundle>/shim.pid``, becomes a child subreaper and reaps every child.
 
 Each request line ``{"method": M, "params": {...}}`` gets one line ``{"result": R}`` or ``{"error":
@@ -312,7 +313,7 @@ class Shim:
         self.exited(proc, early[0], early[1])
 
     def exited(self, proc: Process, code: int, at: str) -> None:
-        """Record ``proc``'s exit durably, then wake its waiters and tell the event subscribers."""
+        """Record ``proc``'s exit in the bundle, then wake its waiters and tell the event subscribers."""
         proc.close_stdin()
         for thread in proc.threads:
             thread.join(2.0)
@@ -335,20 +336,15 @@ class Shim:
         self.publish({"topic": "/tasks/exit", "container_id": self.id, "id": proc.exec_id or self.id, **record})
 
     def write_exit(self, name: str, record: dict[str, Any]) -> None:
-        """Write ``<bundle>/exits/<name>.json`` atomically and durably (temporary file, fsync, rename, fsync)."""
+        """Write ``<bundle>/exits/<name>.json`` atomically (temporary file, rename). Not fsynced: the record
+        must outlive the shim and the daemon, not the host (whose reboot ends the container too), and an
+        fsync on a busy disk would delay every waiter by milliseconds."""
         directory = os.path.join(self.bundle, "exits")
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f"{name}.json")
         with open(path + ".tmp", "w") as f:
             json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
         os.rename(path + ".tmp", path)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     # -- runc -----------------------------------------------------------------------------------------
 
@@ -812,7 +808,7 @@ class Shim:
         os._exit(0)
 
     def run(self, ready: int) -> None:
-        """Serve forever; write one byte to ``ready`` once the socket listens."""
+        """Serve forever; write the shim's pid and a newline to ``ready`` (and close it) once the socket listens."""
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -834,7 +830,7 @@ class Shim:
         server.bind(self.socket_path)
         os.umask(old)
         server.listen(128)
-        os.write(ready, b"1")
+        os.write(ready, f"{os.getpid()}\n".encode())
         os.close(ready)
         while True:
             conn, _ = server.accept()
@@ -862,8 +858,9 @@ def _hide_unified_hierarchy(libc: Any) -> None:
         sys.exit(f"shim: cannot hide the cgroup v2 hierarchy from crun: {os.strerror(ctypes.get_errno())}")
 
 
-def main(argv: list[str]) -> None:
-    """Parse ``--key value`` arguments, detach, and serve."""
+def parse(argv: list[str]) -> dict[str, str]:
+    """``--key value`` arguments as a dict (exits naming the missing ones); stderr goes to ``--log``; the
+    working directory becomes the bundle."""
     args = {argv[i][2:]: argv[i + 1] for i in range(0, len(argv) - 1, 2) if argv[i].startswith("--")}
     missing = [k for k in ("id", "bundle", "socket") if not args.get(k)]
     if missing:
@@ -873,15 +870,28 @@ def main(argv: list[str]) -> None:
         os.dup2(fd, 2)
         os.close(fd)
     os.chdir(args["bundle"])
+    return args
+
+
+def main(argv: list[str]) -> None:
+    """Run as a program: parse the arguments, detach (fork; the parent exits 0 once the socket listens,
+    1 if the shim failed first), and serve."""
+    args = parse(argv)
     ready_r, ready_w = os.pipe()
     if os.fork():
         os.close(ready_w)
-        ok = os.read(ready_r, 1)
+        ok = os.read(ready_r, 64)
         os._exit(0 if ok else 1)
     os.close(ready_r)
     with contextlib.suppress(OSError):
         os.setsid()
     Shim(args).run(ready_w)
+
+
+def serve_forked(argv: list[str], ready: int) -> None:
+    """Run in a process the fork server (``forkserver.py``) has already detached: parse and serve; the pid
+    goes to ``ready`` once the socket listens."""
+    Shim(parse(argv)).run(ready)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,316 @@
+"""A warm fork server ("zygote") for shims: one ``python -S -I`` process that has imported the shim forks
+a detached shim per task on request, so no task waits for an interpreter to start and import (~60 ms).
+
+Stdlib-only, both ends in one module: the zygote runs it as ``forkserver`` (``python -S -I -c``, the
+shim's directory on ``sys.path``), the daemon imports it as ``plugins.runtime_runc.forkserver`` for
+:class:`ForkServer`.
+
+Protocol, over a ``SOCK_SEQPACKET`` socket pair (the zygote's end is the fd its command line names): the
+zygote first sends ``ok CAPACITY`` (the bytes of command line its shims can show); then each request is
+one message, the JSON ``{"argv": shim arguments, "title": command line, "log": output file, "umask": the
+daemon's}`` with the write end of a pipe attached. The zygote forks; the child starts a new session and
+forks again, so the shim is reparented away from the zygote and the daemon (to init or the nearest
+subreaper). The shim closes every other descriptor, resets its signal mask and handlers, takes the
+daemon's umask, shows ``title`` as its ``/proc/PID/cmdline`` (written over the zygote's padded one, so it
+is found by its bundle as a spawned shim is) and runs :func:`shim.serve_forked`, which writes its pid and
+a newline to the pipe once its socket listens; the pipe closes without a line if it fails first. The
+zygote exits when the daemon's end closes (the daemon stopped or died).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # as in shim.py: the zygote imports neither typing nor subprocess, its shims would carry them
+    import subprocess
+    from collections.abc import Sequence
+
+TITLE_ROOM = 4096
+"""Bytes of command line the zygote reserves for its shims (a shim's is ~300 + 4 x the state path)."""
+_MARK = "containerkit-shim-zygote"
+_HELLO_TIMEOUT = 20.0
+_RETRY_AFTER = 30.0
+"""Seconds after a zygote failed to start before another is tried (shims are spawned meanwhile)."""
+_CLOSE_TIMEOUT = 2.0
+_SEND_TIMEOUT = 5.0
+
+
+class Unusable(Exception):
+    """The zygote cannot fork this shim (not running, failed to start, died): spawn it the usual way."""
+
+
+# -- the zygote ---------------------------------------------------------------------------------------------
+
+
+def _argv_area() -> tuple[int, int]:
+    """Where this process's command line lies in its memory (``arg_start``, ``arg_end`` of /proc/self/stat)."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[45]), int(fields[46])  # fields 48 and 49; fields[0] is field 3
+
+
+def serve(fd: int) -> None:
+    """The zygote's loop on its end ``fd`` of the socket pair: fork a shim per request until end of file."""
+    import ctypes
+    import gc
+
+    import shim
+
+    control = socket.socket(fileno=fd)
+    start, end = _argv_area()
+    expected = b"".join(os.fsencode(arg) + b"\0" for arg in sys.orig_argv)
+    capacity = end - start if ctypes.string_at(start, end - start) == expected else 0
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the short-lived middle children
+    gc.freeze()  # what is loaded now is never collected: the shims leave those pages shared
+    control.send(f"ok {capacity}".encode())
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 65536, 1)
+        except OSError:
+            return
+        if not message:
+            return
+        if len(fds) != 1:
+            for extra in fds:
+                os.close(extra)
+            continue
+        ready = fds[0]
+        try:
+            pid = os.fork()
+        except OSError as err:
+            os.write(ready, f"error: fork: {err}\n".encode())
+            os.close(ready)
+            continue
+        if pid == 0:
+            control.detach()  # the shim closes the fd: the object must not close a reused number later
+            _become_shim(json.loads(message), ready, (start, end), shim)
+        os.close(ready)
+
+
+def _become_shim(request: dict, ready: int, area: tuple[int, int], shim: object) -> None:
+    """In the zygote's child: detach (new session, second fork), clean up the process and run the shim."""
+    status = 1
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.umask(request["umask"])
+        null = os.open(os.devnull, os.O_RDONLY)
+        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.closerange(3, ready)
+        os.closerange(ready + 1, os.sysconf("SC_OPEN_MAX"))
+        os.set_inheritable(ready, False)
+        _set_title(request["title"], *area)
+        shim.serve_forked(request["argv"], ready)  # type: ignore[attr-defined]
+        status = 0
+    except SystemExit as exit:
+        status = exit.code if isinstance(exit.code, int) else 1
+        if exit.code and not isinstance(exit.code, int):
+            print(exit.code, file=sys.stderr)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(status)
+
+
+def _set_title(title: Sequence[str], start: int, end: int) -> None:
+    """Show ``title`` as this process's command line: written over the zygote's, NUL-padded."""
+    import ctypes
+
+    data = b"".join(os.fsencode(arg) + b"\0" for arg in title)[: end - start - 1]
+    ctypes.memmove(start, data.ljust(end - start, b"\0"), end - start)
+
+
+# -- the daemon's end ---------------------------------------------------------------------------------------
+
+
+def title_size(title: Sequence[str]) -> int:
+    """Bytes ``title`` takes as a command line."""
+    return sum(len(os.fsencode(arg)) + 1 for arg in title)
+
+
+class ForkServer:
+    """The daemon's end: starts the zygote with ``python`` (on first use or :meth:`start`), asks it for
+    shims, and starts a new one when it died. Thread-safe."""
+
+    def __init__(self, python: str, directory: str) -> None:
+        self.python = python
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._control: socket.socket | None = None
+        self._capacity = -1  # -1: no hello read yet
+        self._failed_at = -_RETRY_AFTER
+        self._closed = False
+        self._umask = _umask()
+
+    @property
+    def pid(self) -> int:
+        """The zygote's pid (0 when none runs)."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else 0
+
+    def start(self) -> None:
+        """Start the zygote if none runs, without waiting for it to be ready."""
+        with self._lock:
+            if not self._closed and (self._process is None or self._process.poll() is not None):
+                self._launch()
+
+    def spawn(self, argv: Sequence[str], title: Sequence[str], log: str, timeout: float) -> int:
+        """Fork a shim running ``shim.serve_forked(argv)``, shown as ``title``, its output in ``log``; return
+        its pid once its socket listens, 0 if it died before. Raises :class:`Unusable` when the zygote cannot
+        (then nothing was started; a zygote found dead is replaced once) and TimeoutError after ``timeout``."""
+        request = {"argv": list(argv), "title": list(title), "log": log, "umask": self._umask}
+        message = json.dumps(request).encode()
+        for _ in range(2):
+            ready_r, ready_w = os.pipe()
+            try:
+                with self._lock:
+                    process = self._send(message, ready_w, title_size(title))
+                os.close(ready_w)
+                ready_w = -1
+                line = _read_line(ready_r, timeout)
+            finally:
+                os.close(ready_r)
+                if ready_w >= 0:
+                    os.close(ready_w)
+            if line.startswith(b"error:"):
+                raise Unusable(f"shim zygote: {line[6:].decode(errors='replace').strip()}")
+            if line or not _ended(process):
+                return int(line) if line else 0
+        raise Unusable("the shim zygote died twice")
+
+    def close(self) -> None:
+        """Stop the zygote (its shims run on). Idempotent."""
+        with self._lock:
+            self._closed = True
+            self._stop()
+
+    # -- internals -----------------------------------------------------------------------------------------
+
+    def _send(self, message: bytes, ready: int, size: int) -> subprocess.Popen[bytes]:
+        """Send a request (under the lock), starting the zygote first if need be; the zygote it went to."""
+        for attempt in range(2):
+            if self._process is None or self._process.poll() is not None:
+                if self._closed or time.monotonic() - self._failed_at < _RETRY_AFTER:
+                    raise Unusable("no shim zygote is running")
+                self._launch()
+            assert self._process is not None and self._control is not None
+            if self._capacity < 0:
+                self._hello()
+            if size > self._capacity:
+                raise Unusable(f"a shim command line of {size} bytes does not fit ({self._capacity})")
+            try:
+                socket.send_fds(self._control, [message], [ready])
+                return self._process
+            except OSError:  # also a timeout: a zygote that takes no requests is as good as dead
+                self._stop()  # it died since the last request: one new one is tried
+                if attempt:
+                    raise Unusable("the shim zygote does not take requests") from None
+        raise AssertionError("unreachable")
+
+    def _launch(self) -> None:
+        import subprocess
+
+        self._stop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        program = (
+            f"import sys; sys.path.insert(0, {self.directory!r}); import forkserver; forkserver.serve(int(sys.argv[1]))"
+        )
+        padding = _MARK + " " * (TITLE_ROOM - len(program))
+        try:
+            self._process = subprocess.Popen(
+                [self.python, "-S", "-I", "-c", program, str(theirs.fileno()), padding],
+                pass_fds=(theirs.fileno(),),
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError:
+            ours.close()
+            self._failed_at = time.monotonic()
+            raise Unusable(f"cannot start the shim zygote with {self.python}") from None
+        finally:
+            theirs.close()
+        self._control, self._capacity = ours, -1
+
+    def _hello(self) -> None:
+        """Wait for the new zygote's ``ok CAPACITY``; Unusable (and it is stopped) if it does not come."""
+        assert self._control is not None
+        self._control.settimeout(_HELLO_TIMEOUT)
+        try:
+            words = self._control.recv(64).split()
+        except OSError:
+            words = []
+        self._control.settimeout(_SEND_TIMEOUT)
+        if len(words) != 2 or words[0] != b"ok" or int(words[1]) <= 0:
+            self._stop()
+            self._failed_at = time.monotonic()
+            raise Unusable("the shim zygote did not start (or cannot set its shims' command lines)")
+        self._capacity = int(words[1])
+
+    def _stop(self) -> None:
+        """Close the control socket (the zygote exits at end of file) and reap the zygote."""
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        process, self._process = self._process, None
+        if process is not None:
+            import subprocess
+
+            try:
+                process.wait(_CLOSE_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _umask() -> int:
+    """This process's umask (from /proc/self/status: setting it to read it would race with other threads)."""
+    with open("/proc/self/status") as status:
+        return next((int(line.split()[1], 8) for line in status if line.startswith("Umask:")), 0o022)
+
+
+def _read_line(fd: int, timeout: float) -> bytes:
+    """What a starting shim writes to its ready pipe ``fd``: a line, or b"" if the pipe closed first."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            raise TimeoutError(f"the shim did not serve within {timeout:g}s")
+        chunk = os.read(fd, 256)
+        if not chunk:
+            return b""
+        data += chunk
+    return data
+
+
+def _ended(process: subprocess.Popen[bytes]) -> bool:
+    """Whether ``process`` exits within a moment (a pipe closed by a dying zygote, not by its shim)."""
+    import subprocess
+
+    try:
+        process.wait(0.1)
+    except subprocess.TimeoutExpired:
+        return False
+    return True

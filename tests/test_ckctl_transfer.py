@@ -1,0 +1,345 @@
+"""ckctl images pull|push|export|import|convert|sign|verify and ckctl login|logout, end to end through a real
+containerkitd and its transfer service, against Debian's docker-registry on 127.0.0.1 (one without auth, one
+with htpasswd basic auth started here).
+
+Each test keeps to a namespace of its own on the module's daemon; containers are removed with their tasks,
+and every ckctl runs with DOCKER_CONFIG pointing into the test's temp dir (never the real ~/.docker).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import termios
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from conftest import CKCTL, RunningDaemon
+from interop import Registry, _read_until_hangup, remove_namespace_dirs
+from oci_images import Layer, Layout, busybox_layer
+
+pytestmark = pytest.mark.skipif(
+    any(shutil.which(tool) is None for tool in ("runc", "docker-registry", "skopeo", "htpasswd")),
+    reason="needs runc, docker-registry, skopeo and htpasswd",
+)
+
+TIMEOUT = 120.0
+USER, PASSWORD = "tester", "s3cret-Pa55word"
+PLAIN_LINE = re.compile(r"^\S+ (waiting|downloading|exists|uploading|mounted|applying|done|error)( .*)?$")
+BIG = hashlib.shake_256(b"transfer-big").digest(64 << 20)  # incompressible: the download takes a while
+
+
+class AuthRegistry(Registry):
+    """The interop registry with htpasswd basic auth for USER:PASSWORD."""
+
+    def _config(self) -> str:
+        htpasswd = self.directory / "htpasswd"
+        if not htpasswd.exists():
+            line = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], capture_output=True, text=True, check=True)
+            htpasswd.write_text(line.stdout)
+        auth = ["auth:", "  htpasswd:", "    realm: containerkit-test", f"    path: {htpasswd}", ""]
+        return super()._config() + "\n".join(auth)
+
+    def _wait_ready(self) -> bool:
+        # /v2/ answers 401 without credentials: wait for the port instead.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and self.process is not None and self.process.poll() is None:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return True
+            time.sleep(0.05)
+        return False
+
+
+@pytest.fixture(scope="module")
+def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthRegistry]:
+    registry = AuthRegistry(tmp_path_factory.mktemp("auth-registry"))
+    try:
+        yield registry.start()
+    finally:
+        registry.stop()
+
+
+@pytest.fixture(scope="module")
+def images(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """{"busybox": REF, "big": REF} in the interop registry; ``big`` has a 64 MiB incompressible layer."""
+    layout = Layout(tmp_path_factory.mktemp("transfer-images") / "layout")
+    base = busybox_layer()
+    layout.add_image("busybox", [base])
+    layout.add_image("big", [base, Layer().dirs("data").file("data/big", BIG)])
+    return {tag: registry.push(layout.directory, tag, "transfer/images") for tag in ("busybox", "big")}
+
+
+class Place:
+    """One test's namespace on the module's daemon; ckctl runs there with DOCKER_CONFIG in the test's dir."""
+
+    def __init__(self, daemon: RunningDaemon, namespace: str, docker_config: Path) -> None:
+        self.daemon, self.namespace = daemon, namespace
+        self.env = {**os.environ, "DOCKER_CONFIG": str(docker_config)}
+
+    def argv(self, namespace: str | None = None) -> list[str]:
+        return [*CKCTL, "-a", self.daemon.address, "-n", namespace or self.namespace]
+
+    def ckctl(
+        self, *args: str, check: bool = True, input: bytes = b"", namespace: str | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        result = subprocess.run(
+            [*self.argv(namespace), *args], input=input, capture_output=True, timeout=TIMEOUT, env=self.env
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"ckctl {' '.join(args)} failed ({result.returncode}): {result.stderr.decode()}")
+        return result
+
+    def text(self, *args: str, input: bytes = b"", namespace: str | None = None) -> str:
+        return self.ckctl(*args, input=input, namespace=namespace).stdout.decode()
+
+    def images(self, namespace: str | None = None) -> dict[str, str]:
+        """{name: target digest}."""
+        listing = json.loads(self.text("images", "ls", "--json", namespace=namespace))
+        return {image["name"]: image["target"]["digest"] for image in listing}
+
+    def run(self, image: str, *command: str, namespace: str | None = None) -> str:
+        return self.text("run", "--rm", image, "c1", *command, namespace=namespace)
+
+    def leases(self) -> list[dict[str, Any]]:
+        return json.loads(self.text("leases", "ls", "--json"))
+
+    def clean(self, *namespaces: str) -> None:
+        for namespace in (self.namespace, *namespaces):
+            for container in self.text("containers", "ls", "-q", namespace=namespace).split():
+                self.ckctl("tasks", "rm", "-f", container, check=False, namespace=namespace)
+                self.ckctl("containers", "rm", container, namespace=namespace)
+            remove_namespace_dirs(namespace)
+
+
+@pytest.fixture
+def place(request: pytest.FixtureRequest, containerkitd: RunningDaemon, tmp_path: Path) -> Iterator[Place]:
+    namespace = re.sub(r"[^a-z0-9]+", "-", request.node.name.removeprefix("test_").lower())[:50].strip("-")
+    place = Place(containerkitd, f"xfer-{namespace}", tmp_path / "docker")
+    yield place
+    place.clean(place.namespace + "-2")
+
+
+def run_pty(argv: list[str], env: dict[str, str], columns: int = 120) -> bytes:
+    """What ``argv`` writes to a pty (its stdin, stdout and stderr) until it exits."""
+    master, slave = os.openpty()
+    termios.tcsetwinsize(slave, (40, columns))
+    try:
+        proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
+    finally:
+        os.close(slave)
+    try:
+        return _read_until_hangup(master, proc, time.monotonic() + TIMEOUT)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+        assert proc.wait() == 0
+
+
+# -- pull ------------------------------------------------------------------------------------------------
+
+
+def test_pull_then_run(place: Place, images: dict[str, str]) -> None:
+    """A pull (plain lines when piped) makes an unpacked image ``run --rm`` starts at once."""
+    out = place.text("images", "pull", images["busybox"]).splitlines()
+    assert all(PLAIN_LINE.match(line) for line in out), out
+    assert any(re.match(r"^layer-sha256:[0-9a-f]{12}… ", line) for line in out), out
+    digest = place.images()[images["busybox"]]
+    assert out[-1] == f"{images['busybox']} done {digest}"
+    assert place.run(images["busybox"], "echo", "hello from a pulled image") == "hello from a pulled image\n"
+    assert place.leases() == []  # the pull's lease went with its success
+
+
+def test_pull_no_unpack_plain_http_and_labels(place: Place, images: dict[str, str]) -> None:
+    place.ckctl("images", "pull", "--plain-http", "--no-unpack", "--label", "team=infra", images["busybox"])
+    record = json.loads(place.text("images", "inspect", images["busybox"]))
+    assert record["labels"]["team"] == "infra"
+    assert json.loads(place.text("snapshots", "ls", "--json")) == []
+
+
+def test_pull_progress_under_a_terminal_draws_bars(place: Place, images: dict[str, str]) -> None:
+    output = run_pty([*place.argv(), "images", "pull", images["big"]], place.env).decode(errors="replace")
+    assert "\x1b[" in output  # a live display, redrawn in place
+    assert "━" in output  # rich's bars
+    assert re.search(r"layer-sha256:[0-9a-f]{12}…", output)
+    assert "MiB" in output
+    assert images["big"] in place.images()
+
+
+def test_pull_errors_are_one_line_and_leave_nothing(place: Place, registry: Registry) -> None:
+    result = place.ckctl("images", "pull", f"{registry.host}/transfer/absent:1", check=False)
+    assert result.returncode != 0
+    assert result.stderr.decode().startswith("ckctl: ") and result.stderr.decode().count("\n") == 1
+    assert "not found" in result.stderr.decode().lower()
+    result = place.ckctl("images", "pull", "Not A Reference", check=False)
+    assert result.returncode != 0 and "invalid reference" in result.stderr.decode()
+    assert place.images() == {}
+
+
+def test_a_client_gone_mid_pull_cancels_it_and_a_retry_resumes(place: Place, images: dict[str, str]) -> None:
+    from core.api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
+    from core.api.containerkit.services.transfer.v1 import transfer_pb2, transfer_pb2_grpc
+
+    metadata = [("containerd-namespace", place.namespace)]
+    channel = grpc.insecure_channel(f"unix:{place.daemon.address}")
+    try:
+        call = transfer_pb2_grpc.TransferStub(channel).Pull(
+            transfer_pb2.PullRequest(ref=images["big"]), metadata=metadata
+        )
+        for event in call:
+            if event.kind == "layer" and event.state == "downloading" and event.offset > 0:
+                break
+        # The daemon answers other calls while the pull streams.
+        listing = images_pb2_grpc.ImagesStub(channel).List(images_pb2.ListImagesRequest(), metadata=metadata)
+        call.cancel()
+        assert list(listing.images) == []
+    finally:
+        channel.close()
+    time.sleep(3)  # far longer than the rest of the pull would take if it went on
+    assert place.images() == {}, "a cancelled pull created its image"
+    assert place.leases(), "the cancelled pull's lease is gone: a retry could not resume"
+    place.ckctl("images", "pull", images["big"])
+    assert images["big"] in place.images()
+    assert place.run(images["big"], "wc", "-c", "/data/big").split()[0] == str(len(BIG))
+
+
+# -- push ------------------------------------------------------------------------------------------------
+
+
+def test_push_then_pull_elsewhere(place: Place, images: dict[str, str], registry: Registry) -> None:
+    place.ckctl("images", "pull", images["busybox"])
+    target = f"{registry.host}/transfer/pushed:{place.namespace}"
+    out = place.text("images", "push", target, images["busybox"]).splitlines()
+    assert all(PLAIN_LINE.match(line) for line in out), out
+    digest = place.images()[images["busybox"]]
+    assert out[-1] == f"{target} done {digest}"
+    other = place.namespace + "-2"
+    place.ckctl("images", "pull", target, namespace=other)
+    assert place.images(other)[target] == digest
+
+
+def test_convert_to_zstd_push_pull_and_run(place: Place, images: dict[str, str], registry: Registry) -> None:
+    place.ckctl("images", "pull", images["busybox"])
+    converted = f"{registry.host}/transfer/zstd:{place.namespace}"
+    name, digest = place.text("images", "convert", "--compression", "zstd", images["busybox"], converted).split()
+    assert name == converted and digest != place.images()[images["busybox"]]
+    place.ckctl("images", "push", converted)
+    other = place.namespace + "-2"
+    place.ckctl("images", "pull", converted, namespace=other)
+    assert place.images(other)[converted] == digest
+    assert place.run(converted, "echo", "zstd", namespace=other) == "zstd\n"
+
+
+def test_push_with_compression_pushes_a_zstd_copy(place: Place, images: dict[str, str], registry: Registry) -> None:
+    place.ckctl("images", "pull", images["busybox"])
+    target = f"{registry.host}/transfer/pushed-zstd:{place.namespace}"
+    place.ckctl("images", "push", "--compression", "zstd", target, images["busybox"])
+    assert set(place.images()) == {images["busybox"]}  # the temporary copy is gone
+    other = place.namespace + "-2"
+    place.ckctl("images", "pull", target, namespace=other)
+    assert place.run(target, "echo", "ok", namespace=other) == "ok\n"
+
+
+# -- export / import -------------------------------------------------------------------------------------
+
+
+def test_export_import_round_trip_through_stdout_and_stdin(place: Place, images: dict[str, str]) -> None:
+    place.ckctl("images", "pull", images["busybox"])
+    archive = place.ckctl("images", "export", "-", images["busybox"]).stdout
+    other = place.namespace + "-2"
+    out = place.ckctl("images", "import", "-", input=archive, namespace=other).stdout.decode()
+    digest = place.images()[images["busybox"]]
+    assert out.split() == [images["busybox"], digest]
+    assert place.images(other) == {images["busybox"]: digest}
+    assert place.run(images["busybox"], "echo", "imported", namespace=other) == "imported\n"
+
+
+def test_export_to_a_file_and_failures(place: Place, images: dict[str, str], tmp_path: Path) -> None:
+    place.ckctl("images", "pull", images["busybox"])
+    archive = tmp_path / "out.tar"
+    place.ckctl("images", "export", str(archive), images["busybox"])
+    assert place.ckctl("images", "export", "-", images["busybox"]).stdout == archive.read_bytes()
+    missing = tmp_path / "missing.tar"
+    result = place.ckctl("images", "export", str(missing), "no/such:image", check=False)
+    assert result.returncode != 0 and "not found" in result.stderr.decode().lower()
+    assert not missing.exists()
+    result = place.ckctl("images", "import", str(tmp_path / "absent.tar"), check=False)
+    assert result.returncode != 0 and "cannot read" in result.stderr.decode()
+
+
+# -- sign / verify ---------------------------------------------------------------------------------------
+
+
+def write_keys(directory: Path, name: str) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private, public = directory / f"{name}.key", directory / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return private, public
+
+
+def test_sign_then_verify(place: Place, images: dict[str, str], tmp_path: Path) -> None:
+    place.ckctl("images", "pull", images["busybox"])
+    private, public = write_keys(tmp_path, "good")
+    _, other = write_keys(tmp_path, "other")
+    assert "signed by key" in place.text("images", "sign", "--key", str(private), images["busybox"])
+    assert "valid signature" in place.text("images", "verify", "--key", str(public), images["busybox"])
+    result = place.ckctl("images", "verify", "--key", str(other), images["busybox"], check=False)
+    assert result.returncode != 0 and result.stderr.decode().count("\n") == 1
+
+
+# -- login / logout --------------------------------------------------------------------------------------
+
+
+def test_login_push_pull_logout(place: Place, images: dict[str, str], auth_registry: AuthRegistry) -> None:
+    config = Path(place.env["DOCKER_CONFIG"]) / "config.json"
+    host = auth_registry.host
+    wrong = place.ckctl("login", "--user", USER, "--password-stdin", host, input=b"wrong-password\n", check=False)
+    assert wrong.returncode != 0 and "unauthorized" in wrong.stderr.decode().lower()
+    assert "wrong-password" not in wrong.stderr.decode() and not config.exists()
+
+    assert place.text("login", "--user", USER, "--password-stdin", host, input=PASSWORD.encode() + b"\n") == (
+        "Login Succeeded\n"
+    )
+    assert oct(config.stat().st_mode & 0o777) == "0o600"
+    assert host in json.loads(config.read_text())["auths"]
+
+    place.ckctl("images", "pull", images["busybox"])
+    target = f"{host}/private/busybox:1"
+    place.ckctl("images", "push", target, images["busybox"])  # the stored credentials
+    other = place.namespace + "-2"
+    place.ckctl("images", "pull", target, namespace=other)
+
+    assert place.text("logout", host) == f"Removed login credentials for {host}\n"
+    assert host not in json.loads(config.read_text())["auths"]
+    place.ckctl("images", "rm", target, namespace=other)
+    refused = place.ckctl("images", "pull", target, check=False, namespace=other)
+    assert refused.returncode != 0 and refused.stderr.decode().endswith("(unauthenticated)\n")
+
+
+def test_wrong_user_credentials_are_never_echoed(
+    place: Place, images: dict[str, str], auth_registry: AuthRegistry
+) -> None:
+    secret = "Very-Secret-Not-It"
+    result = place.ckctl("images", "pull", "--user", f"{USER}:{secret}", f"{auth_registry.host}/x/y:1", check=False)
+    assert result.returncode != 0
+    assert secret not in result.stderr.decode()
+    assert secret not in place.daemon.log
+    assert PASSWORD not in place.daemon.log
