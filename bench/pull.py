@@ -16,9 +16,9 @@ and each way (taking turns at going first), a daemon is started on a fresh temp 
   one through the daemon's snapshots (Prepare/Commit) and diff (Apply) services;
 - ``containerd``: the same ctr command against containerd.
 
-The daemon's CPU time (all threads) and peak RSS (VmHWM, reset before the pull) are recorded too: the
-RSS shows whether memory stays flat while 256 MiB stream through. The daemon is then stopped by pid,
-its mounts undone, its temp dir removed.
+The daemon's CPU time (all threads, ended ones included) and peak RSS (VmHWM, reset before the pull) are
+recorded too: the RSS shows whether memory stays flat while 256 MiB stream through. The daemon is then
+stopped by pid, its mounts undone, its temp dir removed.
 
     /work/venv-ck/bin/python bench/pull.py [--runs 3] [--warmup 1] [--variants gzip,zstd] [--ways ckctl,ctr,containerd]
         [--dir /tmp] [--json]
@@ -46,7 +46,6 @@ from _daemons import (
     REPO,
     RunningDaemon,
     add_output_arguments,
-    cpu_ms,
     print_columns,
     print_load,
     python_env,
@@ -112,6 +111,14 @@ def push_images(registry: Registry, directory: Path, variants: list[str]) -> dic
     return refs
 
 
+def process_cpu_ms(pid: int) -> float:
+    """CPU time (ms) used so far by process ``pid``, its ended threads included (utime + stime of
+    /proc/PID/stat; a pull's worker threads are gone by the time it returns, so the per-thread schedstat
+    sum of _daemons.cpu_ms would miss their work)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def pull_command(way: str, daemon: RunningDaemon, ref: str) -> None:
     """Pull ``ref`` into ``daemon`` the ``way`` given; AssertionError (with stderr) when the client fails."""
     if way != "ckctl":
@@ -133,10 +140,10 @@ def pull_once(way: str, ref: str, env: dict[str, str] | None, parent: str) -> tu
         rss_before = status_kb(daemon.pid, "VmRSS")["VmRSS"] / 1024
         if not reset_peak_rss(daemon.pid):
             raise RuntimeError(f"{way}: cannot reset the peak RSS of pid {daemon.pid}")
-        cpu0, t0 = cpu_ms(daemon.pid), time.perf_counter()
+        cpu0, t0 = process_cpu_ms(daemon.pid), time.perf_counter()
         try:
             pull_command(way, daemon, ref)
-            seconds, cpu = time.perf_counter() - t0, cpu_ms(daemon.pid) - cpu0
+            seconds, cpu = time.perf_counter() - t0, process_cpu_ms(daemon.pid) - cpu0
             peak = status_kb(daemon.pid, "VmHWM")["VmHWM"] / 1024
             snapshots = ctr(daemon, "snapshots", "ls", namespace=NAMESPACE).stdout.splitlines()[1:]
         except AssertionError as err:

@@ -28,10 +28,18 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(fields)
 
 
+QUIET_LIBRARIES = ("pyroute2", "urllib3")
+"""Libraries whose debug output (every netlink message, every HTTP connection) would drown the
+daemon's: they log at WARNING and above whatever the daemon's level."""
+
+
 def setup(level: str) -> None:
-    """Send every ``containerkit`` logger (and plugins' own) to stderr at ``level``."""
+    """Send every ``containerkit`` logger (and plugins' own) to stderr at ``level``; the
+    :data:`QUIET_LIBRARIES` at WARNING at most."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for library in QUIET_LIBRARIES:
+        logging.getLogger(library).setLevel(max(logging.WARNING, root.level))

@@ -202,7 +202,8 @@ class VolumeStore:
         """
         mounts = [m for m in spec.get("mounts") or [] if isinstance(m, dict) and m.get("type") == "volume"]
         for mount in mounts:
-            validate_name(str(mount.get("source", "")))
+            source = mount.get("source")
+            validate_name(source if isinstance(source, str) else "")
             mount["options"] = bind_options(mount.get("options") or [])
         created = []
         for mount in mounts:

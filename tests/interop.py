@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,17 +292,28 @@ def ctr_pty(
     columns: int = 80,
     timeout: float = CTR_TIMEOUT_S,
 ) -> PtyRun:
-    """``ctr -a SOCK [-n NS] ARGS`` with a fresh pty of ``rows`` x ``columns`` as its stdin, stdout, stderr and
-    controlling terminal; ``typed`` is written to the terminal once ctr has started. Reads until ctr exits
-    (killed by pid after ``timeout``, which fails)."""
+    """``ctr -a SOCK [-n NS] ARGS`` under a fresh pty (see :func:`run_pty`)."""
     ns = ["-n", namespace] if namespace else []
+    return run_pty([CTR, "-a", str(daemon.address), *ns, *args], typed=typed, rows=rows, columns=columns,
+                   timeout=timeout)  # fmt: skip
+
+
+def run_pty(
+    argv: Sequence[str],
+    *,
+    typed: bytes = b"",
+    rows: int = 24,
+    columns: int = 80,
+    timeout: float = CTR_TIMEOUT_S,
+    env: Mapping[str, str] | None = None,
+) -> PtyRun:
+    """``argv`` with a fresh pty of ``rows`` x ``columns`` as its stdin, stdout, stderr and controlling
+    terminal; ``typed`` is written to the terminal once it has started. Reads until it exits (killed by
+    pid after ``timeout``, which fails)."""
     master, slave = os.openpty()
     termios.tcsetwinsize(slave, (rows, columns))
     try:
-        proc = subprocess.Popen(
-            [CTR, "-a", str(daemon.address), *ns, *args],
-            stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-        )  # fmt: skip
+        proc = subprocess.Popen(list(argv), stdin=slave, stdout=slave, stderr=slave, start_new_session=True, env=env)
     finally:
         os.close(slave)
     try:

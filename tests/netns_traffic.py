@@ -30,8 +30,9 @@ def unique(prefix: str) -> str:
 
 def random_subnet(prefixlen: int = 24) -> str:
     """A random subnet of :data:`TEST_SUPERNET` with ``prefixlen``."""
-    subnets = 1 << (prefixlen - TEST_SUPERNET.prefixlen)
-    return str(list(TEST_SUPERNET.subnets(new_prefix=prefixlen))[secrets.randbelow(subnets)])
+    index = secrets.randbelow(1 << (prefixlen - TEST_SUPERNET.prefixlen))
+    start = int(TEST_SUPERNET.network_address) + (index << (TEST_SUPERNET.max_prefixlen - prefixlen))
+    return str(ipaddress.IPv4Network((start, prefixlen)))
 
 
 def host_forwards() -> bool:
@@ -53,32 +54,30 @@ def in_netns(netns: str | None, *argv: str) -> list[str]:
     return ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
 
 
-def ping(netns: str | None, address: str) -> bool:
-    """Whether one ping from ``netns`` to ``address`` gets an answer within a second."""
-    return run(*in_netns(netns, BUSYBOX, "ping", "-c1", "-W1", address), check=False).returncode == 0
+def ping(netns: str | None, address: str, attempts: int = 3) -> bool:
+    """Whether a ping from ``netns`` to ``address`` gets an answer within a second, in up to ``attempts``
+    tries: a new bridge port forwards once the kernel's link watch has seen its carrier, which may take
+    up to a second on a busy host. Expecting no answer, one attempt is enough."""
+    command = in_netns(netns, BUSYBOX, "ping", "-c1", "-W1", address)
+    return any(run(*command, check=False).returncode == 0 for _ in range(attempts))
 
 
 def nc_roundtrip(server: str | None, client: str | None, address: str, port: int, attempts: int = 50) -> str:
-    """Start ``nc -l -p port`` in ``server``, send a line to ``address:port`` from ``client`` and
-    return what the server received (``""`` when no connection was made)."""
+    """Run an echo server (``nc -ll -p port -e cat``, listening again after each connection) in ``server``,
+    send a line to ``address:port`` from ``client`` and return the line that came back (``""`` when no
+    connection was made in ``attempts`` tries)."""
     message = unique("hello-")
-    listener = subprocess.Popen(
-        in_netns(server, BUSYBOX, "nc", "-l", "-p", str(port)), stdout=subprocess.PIPE, text=True
-    )
+    listener = subprocess.Popen(in_netns(server, BUSYBOX, "nc", "-ll", "-p", str(port), "-e", "/bin/cat"))
     try:
         for _ in range(attempts):
             sent = run(*in_netns(client, BUSYBOX, "nc", "-w", "2", address, str(port)), check=False, stdin=message)
-            if sent.returncode == 0:
-                break
+            if sent.returncode == 0 and sent.stdout:
+                return sent.stdout.strip()
             time.sleep(0.05)
-        else:
-            return ""
-        received, _ = listener.communicate(timeout=10)
-        return received.strip()
+        return ""
     finally:
-        if listener.poll() is None:
-            listener.kill()
-            listener.wait()
+        listener.kill()
+        listener.wait()
 
 
 def ip_lines(netns: str | None, *args: str) -> str:

@@ -309,7 +309,7 @@ def _read_until(master: int, wanted: bytes | None, pid: int) -> bytes:
     [
         (("{busybox}", "nf", "nosuch-command"), "nosuch-command"),
         (("--user", "mallory", "{busybox}", "nu", "id"), "unable to find user 'mallory'"),
-        (("--mount", "type=volume,src=v,dst=/v", "{busybox}", "nv", "true"), "volume mounts are not supported"),
+        (("--mount", "type=volume,src=../v,dst=/v", "{busybox}", "nv", "true"), 'volume name "../v" must match'),
         (("-d", "--rm", "{busybox}", "dr", "true"), "cannot be used together"),
         (("docker.io/library/missing:latest", "ni", "true"), "not found"),
     ],

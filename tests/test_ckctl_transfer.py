@@ -1,6 +1,6 @@
 """ckctl images pull|push|export|import|convert|sign|verify and ckctl login|logout, end to end through a real
 containerkitd and its transfer service, against Debian's docker-registry on 127.0.0.1 (one without auth, one
-with htpasswd basic auth started here).
+with htpasswd basic auth from tests/registry_servers.py).
 
 Each test keeps to a namespace of its own on the module's daemon; containers are removed with their tasks,
 and every ckctl runs with DOCKER_CONFIG pointing into the test's temp dir (never the real ~/.docker).
@@ -9,13 +9,12 @@ and every ckctl runs with DOCKER_CONFIG pointing into the test's temp dir (never
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +23,9 @@ from typing import Any
 import grpc
 import pytest
 from conftest import CKCTL, RunningDaemon
-from interop import Registry, _read_until_hangup, remove_namespace_dirs
+from interop import Registry, remove_namespace_dirs, run_pty
 from oci_images import Layer, Layout, busybox_layer
+from registry_servers import BasicAuthRegistry, basic_auth_registry
 
 pytestmark = pytest.mark.skipif(
     any(shutil.which(tool) is None for tool in ("runc", "docker-registry", "skopeo", "htpasswd")),
@@ -38,40 +38,17 @@ PLAIN_LINE = re.compile(r"^\S+ (waiting|downloading|exists|uploading|mounted|app
 BIG = hashlib.shake_256(b"transfer-big").digest(64 << 20)  # incompressible: the download takes a while
 
 
-class AuthRegistry(Registry):
-    """The interop registry with htpasswd basic auth for USER:PASSWORD."""
-
-    def _config(self) -> str:
-        htpasswd = self.directory / "htpasswd"
-        if not htpasswd.exists():
-            line = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], capture_output=True, text=True, check=True)
-            htpasswd.write_text(line.stdout)
-        auth = ["auth:", "  htpasswd:", "    realm: containerkit-test", f"    path: {htpasswd}", ""]
-        return super()._config() + "\n".join(auth)
-
-    def _wait_ready(self) -> bool:
-        # /v2/ answers 401 without credentials: wait for the port instead.
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and self.process is not None and self.process.poll() is None:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return True
-            time.sleep(0.05)
-        return False
-
-
 @pytest.fixture(scope="module")
-def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthRegistry]:
-    registry = AuthRegistry(tmp_path_factory.mktemp("auth-registry"))
-    try:
-        yield registry.start()
-    finally:
-        registry.stop()
+def auth_registry() -> Iterator[BasicAuthRegistry]:
+    """docker-registry with htpasswd basic auth for USER:PASSWORD."""
+    with basic_auth_registry({USER: PASSWORD}) as registry:
+        yield registry
 
 
 @pytest.fixture(scope="module")
 def images(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """{"busybox": REF, "big": REF} in the interop registry; ``big`` has a 64 MiB incompressible layer."""
+    """{"busybox": REF, "big": REF} in the interop registry; ``big`` has a 64 MiB incompressible layer (pulled
+    by one test only: the store has a blob once any namespace pulled it)."""
     layout = Layout(tmp_path_factory.mktemp("transfer-images") / "layout")
     base = busybox_layer()
     layout.add_image("busybox", [base])
@@ -129,23 +106,6 @@ def place(request: pytest.FixtureRequest, containerkitd: RunningDaemon, tmp_path
     place.clean(place.namespace + "-2")
 
 
-def run_pty(argv: list[str], env: dict[str, str], columns: int = 120) -> bytes:
-    """What ``argv`` writes to a pty (its stdin, stdout and stderr) until it exits."""
-    master, slave = os.openpty()
-    termios.tcsetwinsize(slave, (40, columns))
-    try:
-        proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
-    finally:
-        os.close(slave)
-    try:
-        return _read_until_hangup(master, proc, time.monotonic() + TIMEOUT)
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-        assert proc.wait() == 0
-
-
 # -- pull ------------------------------------------------------------------------------------------------
 
 
@@ -161,19 +121,43 @@ def test_pull_then_run(place: Place, images: dict[str, str]) -> None:
 
 
 def test_pull_no_unpack_plain_http_and_labels(place: Place, images: dict[str, str]) -> None:
-    place.ckctl("images", "pull", "--plain-http", "--no-unpack", "--label", "team=infra", images["busybox"])
+    pull = ["images", "pull", "--plain-http", "--no-unpack", "--all-platforms", "--label", "team=infra"]
+    place.ckctl(*pull, images["busybox"])
     record = json.loads(place.text("images", "inspect", images["busybox"]))
     assert record["labels"]["team"] == "infra"
     assert json.loads(place.text("snapshots", "ls", "--json")) == []
 
 
 def test_pull_progress_under_a_terminal_draws_bars(place: Place, images: dict[str, str]) -> None:
-    output = run_pty([*place.argv(), "images", "pull", images["big"]], place.env).decode(errors="replace")
+    run = run_pty([*place.argv(), "images", "pull", images["busybox"]], columns=120, env=place.env)
+    assert run.returncode == 0, run.output
+    output = run.output.decode(errors="replace")
     assert "\x1b[" in output  # a live display, redrawn in place
     assert "━" in output  # rich's bars
     assert re.search(r"layer-sha256:[0-9a-f]{12}…", output)
-    assert "MiB" in output
-    assert images["big"] in place.images()
+    assert re.search(r"[\d,.]+/[\d,.]+ KiB", output)
+    digest = place.images()[images["busybox"]]
+    assert f"{images['busybox']} done {digest}" in output
+
+
+def test_plain_progress_prints_state_changes_and_a_line_a_second_per_blob() -> None:
+    from core.api.containerkit.services.transfer.v1.transfer_pb2 import ProgressEvent
+    from core.cli.progress import PlainProgress
+
+    out = io.StringIO()
+    render = PlainProgress(out, interval=3600)
+    layer = "layer-sha256:" + "ab" * 32
+    for offset in (0, 1 << 20, 2 << 20):
+        render(ProgressEvent(ref=layer, kind="layer", state="downloading", offset=offset, total=4 << 20))
+    render(ProgressEvent(ref=layer, kind="layer", state="done", offset=4 << 20, total=4 << 20))
+    render(ProgressEvent(ref="host/app:1", kind="image", state="done", message="sha256:00"))
+    render(ProgressEvent(ref="host/app:1", kind="image", state="done", message="sha256:00"))
+    assert out.getvalue().splitlines() == [
+        "layer-sha256:abababababab… downloading 0.0 B/4.0 MiB",
+        "layer-sha256:abababababab… done 4.0 MiB/4.0 MiB",
+        "host/app:1 done sha256:00",
+        "host/app:1 done sha256:00",
+    ]
 
 
 def test_pull_errors_are_one_line_and_leave_nothing(place: Place, registry: Registry) -> None:
@@ -199,6 +183,8 @@ def test_a_client_gone_mid_pull_cancels_it_and_a_retry_resumes(place: Place, ima
         for event in call:
             if event.kind == "layer" and event.state == "downloading" and event.offset > 0:
                 break
+        else:
+            pytest.fail("the pull ended before a layer was downloading")
         # The daemon answers other calls while the pull streams.
         listing = images_pb2_grpc.ImagesStub(channel).List(images_pb2.ListImagesRequest(), metadata=metadata)
         call.cancel()
@@ -275,6 +261,9 @@ def test_export_to_a_file_and_failures(place: Place, images: dict[str, str], tmp
     assert not missing.exists()
     result = place.ckctl("images", "import", str(tmp_path / "absent.tar"), check=False)
     assert result.returncode != 0 and "cannot read" in result.stderr.decode()
+    result = place.ckctl("images", "import", "-", input=b"not a tar" * 1000, check=False)
+    assert result.returncode != 0 and result.stderr.decode().count("\n") == 1
+    assert list(place.images()) == [images["busybox"]]
 
 
 # -- sign / verify ---------------------------------------------------------------------------------------
@@ -305,10 +294,32 @@ def test_sign_then_verify(place: Place, images: dict[str, str], tmp_path: Path) 
     assert result.returncode != 0 and result.stderr.decode().count("\n") == 1
 
 
+def test_a_signature_policy_refuses_unsigned_pulls(
+    make_daemon: Any, images: dict[str, str], registry: Registry, tmp_path: Path
+) -> None:
+    """Signatures travel with push and pull; the daemon's policy admits a pull only with a valid one."""
+    private, public = write_keys(tmp_path, "release")
+    prefix = f"{registry.host}/signed/"
+    daemon = make_daemon(f'[[plugins.service.transfer.policy]]\nprefix = "{prefix}"\nkeys = ["{public}"]\n')
+    target = f"{prefix}app:{tmp_path.name}"
+    daemon.ckctl("images", "pull", images["busybox"], namespace="a")  # outside the prefix: no signature needed
+    daemon.ckctl("images", "tag", images["busybox"], target, namespace="a")
+    daemon.ckctl("images", "push", target, namespace="a")
+
+    refused = daemon.ckctl("images", "pull", target, check=False, namespace="b")
+    assert refused.returncode != 0 and "signature policy refuses" in refused.stderr
+    assert daemon.ckctl("images", "ls", "-q", namespace="b").stdout == ""
+
+    daemon.ckctl("images", "sign", "--key", str(private), target, namespace="a")
+    daemon.ckctl("images", "push", target, namespace="a")  # now with its signature
+    daemon.ckctl("images", "pull", target, namespace="b")
+    assert "valid signature" in daemon.ckctl("images", "verify", "--key", str(public), target, namespace="b").stdout
+
+
 # -- login / logout --------------------------------------------------------------------------------------
 
 
-def test_login_push_pull_logout(place: Place, images: dict[str, str], auth_registry: AuthRegistry) -> None:
+def test_login_push_pull_logout(place: Place, images: dict[str, str], auth_registry: BasicAuthRegistry) -> None:
     config = Path(place.env["DOCKER_CONFIG"]) / "config.json"
     host = auth_registry.host
     wrong = place.ckctl("login", "--user", USER, "--password-stdin", host, input=b"wrong-password\n", check=False)
@@ -334,8 +345,28 @@ def test_login_push_pull_logout(place: Place, images: dict[str, str], auth_regis
     assert refused.returncode != 0 and refused.stderr.decode().endswith("(unauthenticated)\n")
 
 
+def test_the_daemon_config_credentials_serve_pulls(
+    make_daemon: Any, place: Place, images: dict[str, str], auth_registry: BasicAuthRegistry
+) -> None:
+    """``[plugins.service.transfer.registries."HOST"]`` credentials are the daemon's own: no --user needed."""
+    host = auth_registry.host
+    target = f"{host}/config/busybox:1"
+    place.ckctl("images", "pull", images["busybox"])
+    place.ckctl("images", "push", "--user", f"{USER}:{PASSWORD}", target, images["busybox"])
+    table = f'[plugins.service.transfer.registries."{host}"]\nusername = "{USER}"\npassword = "{PASSWORD}"\n'
+    daemon = make_daemon(table)
+    daemon.ckctl("images", "pull", target, namespace="a")
+    assert daemon.ckctl("images", "ls", "-q", namespace="a").stdout == f"{target}\n"
+    assert PASSWORD not in daemon.log
+
+
+def test_a_user_without_password_needs_a_terminal(place: Place, auth_registry: BasicAuthRegistry) -> None:
+    result = place.ckctl("images", "pull", "--user", USER, f"{auth_registry.host}/x/y:1", check=False)
+    assert result.returncode != 0 and "stdin is not a terminal" in result.stderr.decode()
+
+
 def test_wrong_user_credentials_are_never_echoed(
-    place: Place, images: dict[str, str], auth_registry: AuthRegistry
+    place: Place, images: dict[str, str], auth_registry: BasicAuthRegistry
 ) -> None:
     secret = "Very-Secret-Not-It"
     result = place.ckctl("images", "pull", "--user", f"{USER}:{secret}", f"{auth_registry.host}/x/y:1", check=False)

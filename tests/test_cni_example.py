@@ -1,12 +1,12 @@
 """The third-party CNI network driver (examples/containerkit-cni), installed separately.
 
 The package is pip-installed (from a temporary copy, no build output in the repo) with ``--target``
-into a temporary directory that is put on ``PYTHONPATH``: for this process (the driver as a library)
-and for a containerkitd, which then lists ``network.cni`` and, with
-``[plugins.service.networks] default_driver = "cni"``, puts busybox containers on CNI networks that
-reach each other. The CNI bridge plugin runs with ``isGateway`` off here, so it never turns on the
-host's IP forwarding (other tests count on networks being isolated). Every test checks that no bridge,
-veth or netns it made remains.
+into a temporary directory, which is put on ``sys.path`` to use the driver as a library, and on
+``PYTHONPATH`` for a containerkitd (started by test_networks' ``place`` fixture through this module's
+``make_daemon``) that then lists ``network.cni`` and, with ``[plugins.service.networks] default_driver =
+"cni"``, puts busybox containers on a CNI network where they reach each other. The CNI bridge plugin
+runs with ``isGateway`` off here, so it never turns on the host's IP forwarding (other tests count on
+networks being isolated). Every test checks that no bridge, veth or netns it made remains.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from netns_traffic import (
     random_subnet,
     unique,
 )
-from test_networks import SERVE, Place
-from test_networks import busybox as busybox  # the fixture, shared
+from test_networks import Place, serve
+from test_networks import busybox as busybox  # the fixtures, shared
+from test_networks import place as place
 
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from core.network import Network, NetworkConfig
@@ -183,29 +184,28 @@ default_driver = "cni"
 
 
 @pytest.fixture
-def cni_place(installed: Path, monkeypatch: pytest.MonkeyPatch, make_daemon: Any, busybox: str) -> Iterator[Place]:
-    """A daemon that finds the installed package on PYTHONPATH and makes networks with it."""
+def make_daemon(make_daemon: Any, installed: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """conftest's make_daemon, for daemons that find the installed package (on PYTHONPATH) and make
+    networks with it; test_networks' ``place`` fixture starts its daemon through this one."""
     monkeypatch.setenv("PYTHONPATH", str(installed))
-    daemon: RunningDaemon = make_daemon(DAEMON_CONFIG)
-    place = Place(daemon, busybox)
-    try:
-        yield place
-    finally:
-        place.remove_all()
-        assert place.leftovers() == set()
+
+    def make(config: str = "", *args: Any, **kwargs: Any) -> RunningDaemon:
+        return make_daemon(DAEMON_CONFIG + config, *args, **kwargs)
+
+    return make
 
 
-def test_the_installed_driver_is_listed_and_puts_containers_on_a_cni_network(cni_place: Place):
-    rows = {row["name"]: row for row in cni_place.daemon.ckctl_json("plugins", "ls")}
+def test_the_installed_driver_is_listed_and_puts_containers_on_a_cni_network(place: Place):
+    rows = {row["name"]: row for row in place.daemon.ckctl_json("plugins", "ls")}
     row = rows["network.cni"]
     assert (row["status"], row["reason"], row["package"]) == ("ok", "", PACKAGE)
-    network = cni_place.network(random_subnet())
-    inspected = json.loads(cni_place.ck("networks", "inspect", network).stdout)
+    network = place.network(random_subnet())
+    inspected = json.loads(place.ck("networks", "inspect", network).stdout)
     assert inspected["driver"] == "cni" and inspected["device"].startswith("cni-")
-    cni_place.run("c1", [network], *SERVE)
-    cni_place.run("c2", [network], *SERVE)
-    c1, c2 = cni_place.address("c1", network), cni_place.address("c2", network)
-    assert cni_place.reaches("c1", c2) and cni_place.reaches("c2", c1)
-    assert cni_place.fetch("c1", c2) == "c2" and cni_place.fetch("c2", c1) == "c1"
-    assert all(a["host_ifname"].startswith("veth") for a in cni_place.attachments())
+    place.run("c1", [network], *serve("c1"))
+    place.run("c2", [network], *serve("c2"))
+    c1, c2 = place.address("c1", network), place.address("c2", network)
+    assert place.reaches("c1", c2) and place.reaches("c2", c1)
+    assert place.fetch("c1", c2) == "c2" and place.fetch("c2", c1) == "c1"
+    assert all(a["host_ifname"].startswith("veth") for a in place.attachments())
     assert not host_forwards()

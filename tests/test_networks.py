@@ -1,7 +1,8 @@
 """The networks service (core.services.networks), ckctl networks and ckctl run --net, against real containers.
 
 First the hooks in-process: the tasks service calls ``containerkit_task_prepare`` before the runtime's
-create and ``containerkit_task_released`` after a task's delete or a failed create. Then a real
+create and ``containerkit_task_released`` after a task's delete or a failed create, and the networks
+service's implementations make, attach and release a container's netns (with the bridge driver). Then a real
 containerkitd with the bridge driver and runc: busybox containers (tests/oci_images.busybox_layer,
 pushed to the interop registry) ping and ``nc`` each other on a network, the host reaches them
 through the gateway, a container on another network cannot; attachments survive a daemon restart and
@@ -30,18 +31,45 @@ import grpc
 import pytest
 from conftest import RunningDaemon
 from interop import _daemons, busybox_image, kill_leftovers, remove_namespace_dirs
-from test_services_tasks import DEFAULT, Served, runc_options
+from test_services_tasks import DEFAULT, SPEC, Served, runc_options
 from test_services_tasks import served as served  # the fixture, shared
 
 from core.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
+from core.errors import NotFound, Unavailable
 from core.hookspecs import hookimpl, new_plugin_manager
+from core.metadata.containers import Container
+from core.metadata.networks import NetworkStore
 from core.netns import create_netns, delete_netns, netns_name, netns_path
 from core.network import NetworkConfig
 from core.server import ErrorMapping
+from core.services.networks import NetworksService, network_namespace
 from core.services.tasks import TasksService
 
 LABEL = "containerkit.io/networks"
-TIMEOUT = 60.0
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or any(shutil.which(t) is None for t in ("ctr", "runc", "docker-registry", "skopeo", "ip")),
+    reason="needs root, runc, ip, Debian's ctr, docker-registry and skopeo",
+)
+
+
+def host_links() -> set[str]:
+    """The names of the host's links (``ip -o link``; ``veth@peer`` as ``veth``)."""
+    lines = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout.splitlines()
+    return {line.split(":")[1].strip().split("@")[0] for line in lines}
+
+
+def host_netns() -> set[str]:
+    """The names ``ip netns`` lists."""
+    lines = subprocess.run(["ip", "netns"], capture_output=True, text=True, check=True).stdout.splitlines()
+    return {line.split()[0] for line in lines if line.strip()}
+
+
+def subnets(count: int) -> list[str]:
+    """``count`` consecutive /24s in 10.240.0.0/12, at a random place."""
+    second, third = random.randrange(240, 256), random.randrange(0, 256 - count)
+    return [f"10.{second}.{third + n}.0/24" for n in range(count)]
+
 
 # -- the hooks, in-process -------------------------------------------------------------------------
 
@@ -90,35 +118,58 @@ def test_prepare_comes_before_the_runtime_create_and_released_after_delete_or_a_
         server.stop(None).wait()
 
 
-# -- a real daemon ---------------------------------------------------------------------------------
+def test_the_hooks_make_attach_and_release_a_containers_netns(served: Served, tmp_path: Path) -> None:
+    from plugins.net_bridge import BridgeDriver
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or any(shutil.which(t) is None for t in ("ctr", "runc", "docker-registry", "skopeo", "ip")),
-    reason="needs root, runc, ip, Debian's ctr, docker-registry and skopeo",
-)
+    driver = BridgeDriver(tmp_path / "bridge")
+    service = NetworksService(
+        NetworkStore(served.store), {"bridge": driver}, served.containers, served.service, served.recorder, "bridge"
+    )
+    big_subnet, tiny_subnet = subnets(2)
+    big, tiny = f"n{uuid.uuid4().hex[:8]}", f"n{uuid.uuid4().hex[:8]}"
+    service.create(NetworkConfig(big, "default", big_subnet))
+    service.create(NetworkConfig(tiny, "default", tiny_subnet.replace(".0/24", ".0/30")))  # one container fits
+
+    def container(id: str, networks: str) -> Container:
+        spec, labels = json.loads(json.dumps(SPEC)), {LABEL: networks}
+        service.containerkit_adjust_spec(spec=spec, namespace="default", container_id=id, labels=labels)
+        assert network_namespace(spec) == {"type": "network", "path": netns_path("default", id)}
+        return served.containers.create("default", Container(id, "io.containerd.runc.v2", spec=spec, labels=labels))
+
+    try:
+        with pytest.raises(NotFound, match='network "nowhere"'):
+            container("h0", f"{big},nowhere")
+        h1, h2 = container("h1", f"{big},{tiny}"), container("h2", f"{big},{tiny}")
+        service.containerkit_task_prepare(namespace="default", container=h1, spec=h1.spec)
+        attached = service.store.attachments("default", container_id="h1")
+        assert [(a.network, a.ifname) for a in attached] == [(big, "eth0"), (tiny, "eth1")]
+        assert netns_name("default", "h1") in host_netns()
+        assert {i.name for i in driver.interfaces(netns_path("default", "h1"))} == {"lo", "eth0", "eth1"}
+
+        with pytest.raises(Unavailable):  # the tiny network is full: h2's eth0 on the big one is undone
+            service.containerkit_task_prepare(namespace="default", container=h2, spec=h2.spec)
+        assert service.store.attachments("default", container_id="h2") == []
+        assert netns_name("default", "h2") not in host_netns()
+
+        service.containerkit_task_released(namespace="default", container_id="h1")
+        service.containerkit_task_released(namespace="default", container_id="h1")  # idempotent
+        assert service.store.attachments("default") == [] and netns_name("default", "h1") not in host_netns()
+        topics = served.recorder.topics()
+        assert topics[:2] == ["/networks/create"] * 2 and topics[-2:] == ["/networks/detach"] * 2
+        assert topics.count("/networks/attach") == topics.count("/networks/detach") == 3
+    finally:
+        for name in (big, tiny):
+            service.delete("default", name, force=True)
+        driver.close()
+    assert served.recorder.topics()[-2:] == ["/networks/delete"] * 2
+
+
+# -- a real daemon ---------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def busybox(registry: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
     return busybox_image(registry, tmp_path_factory.mktemp("networks-images"))
-
-
-def host_links() -> set[str]:
-    """The names of the host's links (``ip -o link``; ``veth@peer`` as ``veth``)."""
-    lines = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout.splitlines()
-    return {line.split(":")[1].strip().split("@")[0] for line in lines}
-
-
-def host_netns() -> set[str]:
-    """The names ``ip netns`` lists."""
-    lines = subprocess.run(["ip", "netns"], capture_output=True, text=True, check=True).stdout.splitlines()
-    return {line.split()[0] for line in lines if line.strip()}
-
-
-def subnets(count: int) -> list[str]:
-    """``count`` consecutive /24s in 10.240.0.0/12, at a random place."""
-    second, third = random.randrange(240, 256), random.randrange(0, 256 - count)
-    return [f"10.{second}.{third + n}.0/24" for n in range(count)]
 
 
 class Place:
@@ -228,17 +279,29 @@ def test_containers_on_a_network_reach_each_other_and_the_host_but_not_another_n
 
     interfaces = {i["name"]: i for i in place.json("networks", "interfaces", "c3")}
     assert set(interfaces) == {"lo", "eth0"} and interfaces["eth0"]["mtu"] == 1400 and interfaces["eth0"]["up"]
+    front_prefix, back_prefix = front_subnet[:-5], back_subnet[:-5]  # "10.x.y"
     place.ck("networks", "set-mtu", "c1", "eth0", "1280")
-    place.ck("networks", "addr", "add", "c1", "eth0", f"{front_subnet.rsplit('.', 1)[0]}.200/24")
+    place.ck("networks", "addr", "add", "c1", "eth0", f"{front_prefix}.200/24")
     inside = place.exec("c1", "ip", "addr", "show", "eth0").stdout
-    assert "mtu 1280" in inside and f"{front_subnet.rsplit('.', 1)[0]}.200/24" in inside
-    assert place.reaches("c2", f"{front_subnet.rsplit('.', 1)[0]}.200")
-    routes = [(r["destination"], r["gateway"]) for r in place.json("networks", "routes", "c1")]
-    assert ("default", front_subnet.replace(".0/24", ".1")) in routes
+    assert "mtu 1280" in inside and f"{front_prefix}.200/24" in inside
+    assert place.reaches("c2", f"{front_prefix}.200")
+    place.ck("networks", "addr", "rm", "c1", "eth0", f"{front_prefix}.200/24")
+    assert f"{front_prefix}.200/24" not in place.exec("c1", "ip", "addr", "show", "eth0").stdout
 
-    # a second network joined while running, then left again
-    place.ck("networks", "connect", back, "c1")
-    assert place.reaches("c1", c3)
+    place.ck("networks", "route", "add", "c1", "10.239.0.0/16", "--via", f"{front_prefix}.1")
+    routes = [(r["destination"], r["gateway"]) for r in place.json("networks", "routes", "c1")]
+    assert {("default", f"{front_prefix}.1"), ("10.239.0.0/16", f"{front_prefix}.1")} <= set(routes)
+    assert "10.239.0.0/16 via" in place.exec("c1", "ip", "route").stdout
+    place.ck("networks", "route", "rm", "c1", "10.239.0.0/16", "--via", f"{front_prefix}.1")
+    assert "10.239.0.0/16" not in place.exec("c1", "ip", "route").stdout
+    place.ck("networks", "link", "c2", "eth0", "down")
+    assert not {i["name"]: i for i in place.json("networks", "interfaces", "c2")}["eth0"]["up"]
+    place.ck("networks", "link", "c2", "eth0", "up")
+
+    # a second network joined while running (at a fixed address), then left again
+    place.ck("networks", "connect", back, "c1", "--ip", f"{back_prefix}.77")
+    assert place.address("c1", back) == f"{back_prefix}.77"
+    assert place.reaches("c1", c3) and place.fetch("c3", f"{back_prefix}.77") == "c1"
     assert {a["ifname"] for a in place.attachments("c1")} == {"eth0", "eth1"}
     place.links.update(a["host_ifname"] for a in place.attachments("c1"))
     place.ck("networks", "disconnect", back, "c1")

@@ -1,140 +1,46 @@
 """core.distribution.pull.Puller in-process, over the real parts: sqlite metadata, the local content store, the
 overlay snapshotter, the walking differ, and Debian's docker-registry (tests/interop.py) holding images built in
-Python (tests/oci_images.py) and pushed with skopeo. Faults come from a proxy in front of the registry that cuts
-or corrupts the bodies of chosen blobs."""
+Python (tests/oci_images.py) and pushed with skopeo; and, where requests are counted or answers spoiled, the
+in-memory FaultyRegistry of tests/registry_servers.py serving the same layouts."""
 
 from __future__ import annotations
 
-import http.client
-import http.server
 import json
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from interop import SKOPEO, Registry, free_port, tree_differences, tree_of
-from oci_images import MT_INDEX, Layer, Layout
+from conftest import RunningDaemon
+from interop import SKOPEO, Registry, busybox_image, remove_namespace_dirs, tree_differences, tree_of
+from oci_images import MT_INDEX, MT_MANIFEST, Layer, Layout
+from registry_servers import Fault, FaultyRegistry, faulty_registry
+from test_unpack import Env as UnpackEnv
 from test_unpack import base_layer, change_layer, top_layer
+from test_unpack import env as unpack_env  # noqa: F401 - test_unpack's fixture, which env builds on
 
-from core import mount as mounting
 from core import oci
 from core.diff import LABEL_UNCOMPRESSED
 from core.diff.walking import WalkingDiffer
 from core.digest import Digest
 from core.distribution.progress import Progress
-from core.distribution.pull import INGEST_PREFIX, LABEL_PULL, PullOptions, Puller
+from core.distribution.pull import INGEST_PREFIX, LABEL_PULL, Puller, PullOptions
 from core.distribution.reference import Reference
 from core.distribution.registry import RegistryClient
 from core.errors import FailedPrecondition, NotFound, Unavailable
 from core.metadata.content import ContentMetadata
 from core.metadata.images import ImageStore
 from core.metadata.leases import LeaseStore
-from core.metadata.snapshots import SnapshotMetadata
-from core.metadata.store import MetadataStore
-from core.snapshot import Kind
 from core.types import Descriptor, Platform
 from core.unpack import Unpacker
-from plugins.snapshot_overlay import OverlaySnapshotter
 
 NS = "default"
 SN = "overlayfs"
 UMOCI = shutil.which("umoci") or "/usr/bin/umoci"
-
-
-# -- a proxy in front of the registry that breaks chosen blobs ---------------------------------------------------
-
-
-@dataclass
-class Fault:
-    """What the proxy does to the body of one blob: ``cut`` it after ``after`` bytes (the connection closes) or
-    ``corrupt`` it (the same length, other bytes); ``times`` responses long (-1: always)."""
-
-    kind: str
-    after: int = 0
-    times: int = -1
-
-
-@dataclass
-class Proxy:
-    """Forwards GET and HEAD to ``upstream``; records ``(method, path, Range)`` of each request."""
-
-    upstream: str
-    faults: dict[str, Fault] = field(default_factory=dict)
-    requests: list[tuple[str, str, str]] = field(default_factory=list)
-    server: http.server.ThreadingHTTPServer | None = None
-
-    @property
-    def host(self) -> str:
-        assert self.server is not None
-        return f"127.0.0.1:{self.server.server_address[1]}"
-
-    def blob_gets(self) -> list[tuple[str, str]]:
-        """(digest, Range) of every blob GET so far."""
-        return [
-            (path.rsplit("/", 1)[1], rng)
-            for method, path, rng in self.requests
-            if "/blobs/" in path and method == "GET"
-        ]
-
-    def start(self) -> Proxy:
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_HEAD(self) -> None:
-                self.forward()
-
-            def do_GET(self) -> None:
-                self.forward()
-
-            def forward(self) -> None:
-                proxy.requests.append((self.command, self.path, self.headers.get("Range", "")))
-                upstream = http.client.HTTPConnection(proxy.upstream, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "range", "authorization")}
-                upstream.request(self.command, self.path, headers=headers)
-                answer = upstream.getresponse()
-                body = answer.read()
-                upstream.close()
-                fault = proxy.faults.get(self.path.rsplit("/", 1)[1]) if "/blobs/" in self.path else None
-                if fault is not None and fault.times != 0 and self.command == "GET":
-                    fault.times -= 1
-                else:
-                    fault = None
-                if fault is not None and fault.kind == "corrupt":
-                    body = bytes(b ^ 0x5A for b in body)
-                self.send_response(answer.status)
-                for key, value in answer.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command == "HEAD":
-                    return
-                if fault is not None and fault.kind == "cut":
-                    self.wfile.write(body[: fault.after])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, name="test-proxy", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
 
 
 # -- the in-process stack -----------------------------------------------------------------------------------
@@ -142,24 +48,54 @@ class Proxy:
 
 @dataclass
 class Env:
-    tmp: Path
-    registry: Registry
-    proxy: Proxy
-    content: ContentMetadata
-    snapshots: SnapshotMetadata
-    leases: LeaseStore
-    images: ImageStore
-    unpacker: Unpacker
-    puller: Puller
-    layouts: int = 0
+    """tests/test_unpack.py's in-process stack (``stack``: content, overlay snapshots, unpacker), with images, a
+    Puller, the docker-registry and a faulty registry."""
 
-    def push(self, layers: Sequence[Layer], name: str = "pull/test", **options: Any) -> tuple[str, Layout]:
-        """Build an image of ``layers`` and push it; returns its reference through the proxy and its layout."""
-        self.layouts += 1
-        layout = Layout(self.tmp / f"layout{self.layouts}")
+    stack: UnpackEnv
+    registry: Registry
+    faulty: FaultyRegistry
+    images: ImageStore
+    puller: Puller
+
+    @property
+    def content(self) -> ContentMetadata:
+        return self.stack.content
+
+    @property
+    def leases(self) -> LeaseStore:
+        return self.stack.leases
+
+    def layout(self, layers: Sequence[Layer], **options: Any) -> Layout:
+        """A new layout holding an image of ``layers`` tagged ``latest`` (options as Layout.add_image)."""
+        self.stack.layouts += 1
+        layout = Layout(self.stack.tmp / f"layout{self.stack.layouts}")
         layout.add_image("latest", layers, **options)
-        self.registry.push(layout.directory, "latest", name)
-        return f"{self.proxy.host}/{name}:latest", layout
+        return layout
+
+    def push(self, layers: Sequence[Layer], name: str, **options: Any) -> tuple[str, Layout]:
+        """Build an image of ``layers`` and push it to the docker-registry; returns its reference and layout."""
+        layout = self.layout(layers, **options)
+        return self.registry.push(layout.directory, "latest", name), layout
+
+    def serve(self, layers: Sequence[Layer], name: str, **options: Any) -> tuple[str, Layout]:
+        """Build an image of ``layers`` and serve it from the faulty registry; returns its reference and layout."""
+        layout = self.layout(layers, **options)
+        for blob in layout.blobs.iterdir():
+            self.faulty.add_blob(blob.read_bytes())
+        _, digest = self.manifest(layout)
+        self.faulty.add_manifest(name, "latest", MT_MANIFEST, (layout.blobs / digest.split(":")[1]).read_bytes())
+        return f"{self.faulty.host}/{name}:latest", layout
+
+    def blob_gets(self) -> list[tuple[str, str]]:
+        """(digest, Range) of every blob GET the faulty registry answered so far."""
+        return [
+            (path.rsplit("/", 1)[1], headers.get("Range", ""))
+            for method, path, headers in self.faulty.requests
+            if method == "GET" and "/blobs/sha256:" in path
+        ]
+
+    def spoil(self, name: str, digest: str, *faults: Fault) -> None:
+        self.faulty.fail("GET", f"/v2/{name}/blobs/{digest}", *faults)
 
     def pull(self, ref: str, namespace: str = NS, retries: int = 4, **options: Any) -> Any:
         client = RegistryClient(retries=retries, backoff=0.01)
@@ -173,10 +109,10 @@ class Env:
         return json.loads((layout.blobs / entry["digest"].split(":")[1]).read_text()), entry["digest"]
 
     def committed(self, namespace: str = NS) -> set[str]:
-        return {i.name for i in self.snapshots.walk(namespace, SN) if i.kind is Kind.COMMITTED}
+        return set(self.stack.committed(namespace))
 
     def others(self, namespace: str = NS) -> list[str]:
-        return [i.name for i in self.snapshots.walk(namespace, SN) if i.kind is not Kind.COMMITTED]
+        return self.stack.others(namespace)
 
     def has(self, digest: str, namespace: str = NS) -> bool:
         try:
@@ -186,42 +122,15 @@ class Env:
         return True
 
     def tree(self, chain_id: str, namespace: str = NS) -> dict[str, Any]:
-        key = f"test-view-{chain_id}"
-        mounts = self.snapshots.view(namespace, SN, key, chain_id)
-        try:
-            with mounting.temp_mount(mounts, parent=self.tmp) as root:
-                return tree_of(root)
-        finally:
-            self.snapshots.remove(namespace, SN, key)
-
-
-@pytest.fixture(scope="module")
-def proxied(registry: Registry) -> Iterator[Proxy]:
-    proxy = Proxy(registry.host).start()
-    try:
-        yield proxy
-    finally:
-        proxy.stop()
+        return self.stack.tree(chain_id, namespace)
 
 
 @pytest.fixture
-def env(tmp_path: Path, registry: Registry, proxied: Proxy) -> Iterator[Env]:
-    proxied.faults.clear()
-    proxied.requests.clear()
-    store = MetadataStore(tmp_path / "metadata.db")
-    leases = LeaseStore(store)
-    from plugins.content_local import LocalContentStore
-
-    content = ContentMetadata(store, LocalContentStore(tmp_path / "content"), leases=leases)
-    overlay = OverlaySnapshotter(tmp_path / "overlay")
-    snapshots = SnapshotMetadata(store, {SN: overlay}, leases=leases)
-    unpacker = Unpacker(content, snapshots, WalkingDiffer(content), leases=leases, rebase_snapshotters={SN})
-    images = ImageStore(store)
-    puller = Puller(content, images, unpacker, leases)
-    try:
-        yield Env(tmp_path, registry, proxied, content, snapshots, leases, images, unpacker, puller)
-    finally:
-        overlay.close()
+def env(unpack_env: UnpackEnv, registry: Registry) -> Iterator[Env]:  # noqa: F811 - the imported fixture
+    images = ImageStore(unpack_env.content.store)
+    puller = Puller(unpack_env.content, images, unpack_env.unpacker, unpack_env.leases)
+    with faulty_registry() as faulty:
+        yield Env(unpack_env, registry, faulty, images, puller)
 
 
 def chain_of(layout_manifest: Any, layout: Layout) -> list[Digest]:
@@ -235,8 +144,8 @@ def chain_of(layout_manifest: Any, layout: Layout) -> list[Digest]:
 @pytest.mark.parametrize("rebase", [True, False], ids=["streaming", "download-then-unpack"])
 def test_pull_unpacks_what_umoci_unpacks_and_labels_like_containerd(env: Env, rebase: bool) -> None:
     if not rebase:
-        env.puller = Puller(env.content, env.images, Unpacker(env.content, env.snapshots, WalkingDiffer(env.content),
-                            leases=env.leases), env.leases)  # fmt: skip
+        unpacker = Unpacker(env.content, env.stack.snapshots, WalkingDiffer(env.content), leases=env.leases)
+        env.puller = Puller(env.content, env.images, unpacker, env.leases)
     layers = [base_layer(), change_layer(), top_layer()]
     layers[1].compression = "gzip"  # umoci 0.4 cannot read zstd
     ref, layout = env.push(layers, name="pull/umoci")
@@ -249,7 +158,7 @@ def test_pull_unpacks_what_umoci_unpacks_and_labels_like_containerd(env: Env, re
     assert env.committed() == set(chain) and env.others() == []
     assert env.leases.list(NS) == []  # the pull's lease is gone once the image is recorded
     assert env.content.list_statuses(NS) == []
-    source = {f"containerd.io/distribution.source.{env.proxy.host}": "pull/umoci"}
+    source = {f"containerd.io/distribution.source.{env.registry.host}": "pull/umoci"}
     refs = {"containerd.io/gc.ref.content.config": manifest["config"]["digest"]}
     refs |= {f"containerd.io/gc.ref.content.l.{n}": layer["digest"] for n, layer in enumerate(manifest["layers"])}
     assert env.content.info(NS, manifest_digest).labels == refs | source
@@ -260,7 +169,7 @@ def test_pull_unpacks_what_umoci_unpacks_and_labels_like_containerd(env: Env, re
         assert env.content.info(NS, layer["digest"]).labels == source | {LABEL_UNCOMPRESSED: diff_id}
     assert {(e.kind, e.state) for e in events} >= {("layer", "downloading"), ("layer", "done"), ("image", "done")}
 
-    bundle = env.tmp / "bundle"
+    bundle = env.stack.tmp / "bundle"
     subprocess.run([UMOCI, "unpack", "--image", f"{layout.directory}:latest", str(bundle)], check=True,
                    capture_output=True)  # fmt: skip
     theirs = tree_of(bundle / "rootfs")
@@ -270,40 +179,40 @@ def test_pull_unpacks_what_umoci_unpacks_and_labels_like_containerd(env: Env, re
 
 def test_zstd_layers_and_a_second_pull_that_fetches_no_blob(env: Env) -> None:
     layers = [Layer("zstd").dirs("a").file("a/one", b"1" * 100_000), Layer("zstd").dirs("b").file("b/two", b"2")]
-    ref, layout = env.push(layers, name="pull/zstd")
+    ref, layout = env.serve(layers, name="pull/zstd")
     manifest, _ = env.manifest(layout)
     assert {layer["mediaType"] for layer in manifest["layers"]} == {oci.OCI_LAYER_ZSTD}
     env.pull(ref)
     chain = chain_of(manifest, layout)
     assert env.tree(chain[-1])["a/one"].size == 100_000
-    gets = len(env.proxy.blob_gets())
+    gets = len(env.blob_gets())
     assert gets == 3  # config and two layers
 
     _, events = env.pull(ref)  # the namespace has everything: no blob fetched, nothing applied
-    assert len(env.proxy.blob_gets()) == gets
+    assert len(env.blob_gets()) == gets
     assert {e.state for e in events if e.kind == "layer"} == {"exists"}
 
     env.pull(ref, namespace="other")  # the store has the blobs: recorded, not fetched; unpacked again
-    assert len(env.proxy.blob_gets()) == gets
+    assert len(env.blob_gets()) == gets
     assert env.committed("other") == set(chain)
 
 
 def test_a_cut_connection_is_resumed_with_a_range_request(env: Env) -> None:
-    ref, layout = env.push([base_layer()], name="pull/cut")
+    ref, layout = env.serve([base_layer()], name="pull/cut")
     manifest, _ = env.manifest(layout)
     layer = manifest["layers"][0]
-    env.proxy.faults[layer["digest"]] = Fault("cut", after=layer["size"] // 3, times=1)
+    env.spoil("pull/cut", layer["digest"], Fault(cut_after=layer["size"] // 3))
     env.pull(ref)
-    assert (layer["digest"], f"bytes={layer['size'] // 3}-") in env.proxy.blob_gets()
+    assert (layer["digest"], f"bytes={layer['size'] // 3}-") in env.blob_gets()
     assert env.committed() == set(chain_of(manifest, layout))
 
 
 def test_a_failed_pull_keeps_its_lease_and_a_retry_resumes_the_ingest(env: Env) -> None:
-    ref, layout = env.push([base_layer(), top_layer()], name="pull/retry")
+    ref, layout = env.serve([base_layer(), top_layer()], name="pull/retry")
     manifest, _ = env.manifest(layout)
     layer = manifest["layers"][0]
     cut = layer["size"] // 2
-    env.proxy.faults[layer["digest"]] = Fault("cut", after=cut)
+    env.spoil("pull/retry", layer["digest"], Fault(cut_after=cut))
     with pytest.raises(Unavailable):
         env.pull(ref, retries=0)
     with pytest.raises(NotFound):
@@ -314,20 +223,20 @@ def test_a_failed_pull_keeps_its_lease_and_a_retry_resumes_the_ingest(env: Env) 
     assert status.ref == INGEST_PREFIX + layer["digest"] and status.offset == cut
     assert chain_of(manifest, layout)[0] not in env.committed() and env.others() == []
 
-    env.proxy.faults.clear()
-    env.proxy.requests.clear()
+    env.faulty.requests.clear()
     env.pull(ref)
-    assert env.proxy.blob_gets() == [(layer["digest"], f"bytes={cut}-")]  # the rest of it, and nothing else
+    assert env.blob_gets() == [(layer["digest"], f"bytes={cut}-")]  # the rest of it, and nothing else
     assert env.committed() == set(chain_of(manifest, layout))
     assert env.content.list_statuses(NS) == []
     assert [lease.id for lease in env.leases.list(NS)] == [lease.id]  # the failed pull's, expiring in a day
 
 
 def test_bytes_that_do_not_match_the_digest_leave_nothing_behind(env: Env) -> None:
-    ref, layout = env.push([base_layer(), top_layer()], name="pull/corrupt")
+    ref, layout = env.serve([base_layer(), top_layer()], name="pull/corrupt")
     manifest, _ = env.manifest(layout)
     bad = manifest["layers"][1]
-    env.proxy.faults[bad["digest"]] = Fault("corrupt")
+    real = (layout.blobs / bad["digest"].split(":")[1]).read_bytes()
+    env.spoil("pull/corrupt", bad["digest"], Fault(body=bytes(b ^ 0x5A for b in real)))
     with pytest.raises(FailedPrecondition, match=f"digest mismatch: got sha256:[0-9a-f]{{64}}, want {bad['digest']}"):
         env.pull(ref)
     with pytest.raises(NotFound):
@@ -351,9 +260,9 @@ def test_a_layer_whose_diff_id_is_not_the_configs_commits_no_snapshot(env: Env) 
 
 
 def push_index(env: Env, name: str) -> tuple[str, dict[str, str]]:
-    """An index of a linux/amd64 and a linux/arm64 image pushed with skopeo --all; returns the reference through
-    the proxy and {platform: manifest digest}."""
-    layout = Layout(env.tmp / "multi")
+    """An index of a linux/amd64 and a linux/arm64 image pushed with skopeo --all; returns its reference
+    and {platform: manifest digest}."""
+    layout = Layout(env.stack.tmp / "multi")
     manifests = {}
     for arch in ("amd64", "arm64"):
         desc = layout.add_image(arch, [Layer().dirs("etc").file("etc/arch", arch.encode())])
@@ -367,14 +276,14 @@ def push_index(env: Env, name: str) -> tuple[str, dict[str, str]]:
         json.dumps({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": list(manifests.values())}).encode(),
         MT_INDEX,
     )
-    layout.manifests = [{**index, "annotations": {"org.opencontainers.image.ref.name": "multi"}}]
-    layout._write_index()
+    entry = {**index, "annotations": {"org.opencontainers.image.ref.name": "multi"}}
+    (layout.directory / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
     subprocess.run(
         [SKOPEO, "--insecure-policy", "copy", "--quiet", "--all", "--preserve-digests", "--dest-tls-verify=false",
          f"oci:{layout.directory}:multi", f"docker://{env.registry.host}/{name}:multi"],
         check=True, capture_output=True,
     )  # fmt: skip
-    return f"{env.proxy.host}/{name}:multi", {p: m["digest"] for p, m in manifests.items()}
+    return f"{env.registry.host}/{name}:multi", {p: m["digest"] for p, m in manifests.items()}
 
 
 @pytest.mark.skipif(oci.host_platform() != Platform("linux", "amd64"), reason="the index has an amd64 image")
@@ -402,6 +311,25 @@ def test_platforms_host_one_or_all(env: Env) -> None:
     assert env.committed("all") == env.committed()  # the host's platform unpacked only
 
 
+def test_a_refusing_verify_hook_leaves_no_image(env: Env) -> None:
+    ref, _ = env.serve([top_layer()], name="pull/refused")
+    seen = []
+
+    def refuse(reference: Reference, target: Descriptor) -> None:
+        seen.append((str(reference), target.media_type))
+        raise FailedPrecondition("no valid signature")
+
+    with pytest.raises(FailedPrecondition, match="no valid signature"):
+        env.pull(ref, verify=refuse)
+    assert seen == [(ref, oci.OCI_MANIFEST)]
+    with pytest.raises(NotFound):
+        env.images.get(NS, ref)
+    assert len(env.leases.list(NS)) == 1  # everything fetched waits there for a retry
+    fetched = len(env.blob_gets())
+    env.pull(ref)
+    assert len(env.blob_gets()) == fetched
+
+
 def test_no_unpack_fetches_every_blob_and_makes_no_snapshot(env: Env) -> None:
     ref, layout = env.push([base_layer(), top_layer()], name="pull/nounpack")
     image, _ = env.pull(ref, unpack=False, labels={"team": "a"})
@@ -411,9 +339,44 @@ def test_no_unpack_fetches_every_blob_and_makes_no_snapshot(env: Env) -> None:
     assert env.committed() == set()
 
 
-def test_descriptor_of_pulled_image_is_the_registry_target(env: Env) -> None:
+def test_a_pull_by_digest_targets_that_manifest(env: Env) -> None:
     ref, layout = env.push([top_layer()], name="pull/target")
     _, digest = env.manifest(layout)
     env.pull(ref)
-    again, _ = env.pull(f"{env.proxy.host}/pull/target@{digest}")
+    again, _ = env.pull(f"{env.registry.host}/pull/target@{digest}")
     assert again.target == Descriptor(oci.OCI_MANIFEST, Digest(digest), again.target.size)
+    assert env.images.get(NS, ref).target == again.target
+
+
+def test_docker_schema2_images_are_pulled_and_unpacked(env: Env) -> None:
+    layout = env.layout([base_layer(), Layer().dirs("etc").file("etc/docker", b"yes\n")])
+    ref = env.registry.push(layout.directory, "latest", "pull/docker", docker=True)
+    image, _ = env.pull(ref)
+    assert image.target.media_type == oci.DOCKER_MANIFEST
+    manifest, _ = env.manifest(layout)
+    assert env.committed() == set(chain_of(manifest, layout))
+
+
+def test_concurrent_pulls_of_one_image_share_the_work(env: Env) -> None:
+    ref, layout = env.serve([base_layer(), top_layer()], name="pull/twice")
+    with ThreadPoolExecutor(2) as pool:
+        images = list(pool.map(lambda _: env.pull(ref)[0], range(2)))
+    assert images[0].target == images[1].target
+    manifest, _ = env.manifest(layout)
+    assert env.committed() == set(chain_of(manifest, layout)) and env.others() == []
+    layer_gets = [digest for digest, _ in env.blob_gets() if digest != manifest["config"]["digest"]]
+    assert sorted(layer_gets) == sorted(layer["digest"] for layer in manifest["layers"])  # each fetched once
+    assert env.leases.list(NS) == [] and env.content.list_statuses(NS) == []
+
+
+def test_an_image_pulled_by_the_daemon_runs(containerkitd: RunningDaemon, registry: Registry, tmp_path: Path) -> None:
+    ref = busybox_image(registry, tmp_path)
+    namespace = "pull-runs"
+    try:
+        pulled = containerkitd.ckctl("images", "pull", "--plain-http", ref, namespace=namespace)
+        assert "done" in pulled.stdout + pulled.stderr
+        run = containerkitd.ckctl("run", "--rm", ref, "pulled", "sh", "-c", "echo ran from $(ls /bin/busybox)",
+                                  namespace=namespace)  # fmt: skip
+        assert run.stdout == "ran from /bin/busybox\n"
+    finally:
+        remove_namespace_dirs(namespace)

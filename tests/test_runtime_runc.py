@@ -605,6 +605,13 @@ def test_fork_server_restarts_and_spawning_stands_in(harness: Harness, monkeypat
     task.start()
     assert task.wait(timeout=10).exit_status == 5
     task.delete()
+    broken = harness.open()
+    broken.fork_server.python = "/bin/true"  # starts, but never says it is ready
+    for n in range(2):  # the second create does not try again so soon
+        task = harness.create(f"five{n}", "true", runtime=broken)
+        assert task.start() > 0 and broken.fork_server.pid == 0
+        task.wait(timeout=10)
+        task.delete()
     harness.assert_clean()
 
 

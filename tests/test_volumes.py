@@ -100,6 +100,8 @@ def test_bad_names_are_refused_and_nothing_is_made(volumes: VolumeStore, name: s
         volumes.bind_mounts("ns1", {"mounts": [{"type": "volume", "source": name, "destination": "/d"}]})
     with pytest.raises(InvalidArgument, match="namespace"):
         volumes.create("../ns", "data")
+    with pytest.raises(InvalidArgument, match="volume name must not be empty"):
+        volumes.bind_mounts("ns1", {"mounts": [{"type": "volume", "source": None, "destination": "/d"}]})
     assert volumes.list("ns1") == []
     assert not volumes.root.exists() or files_under(volumes.root) == []
 
@@ -180,7 +182,7 @@ def test_leftover_directories_are_pruned_and_never_reused(volumes: VolumeStore, 
 
 # -- the daemon, with real containers ------------------------------------------------------------------------
 
-pytest_daemon = pytest.mark.skipif(
+needs_containers = pytest.mark.skipif(
     any(shutil.which(tool) is None for tool in ("ctr", "runc", "docker-registry", "skopeo")),
     reason="needs runc, Debian's ctr, docker-registry and skopeo",
 )
@@ -228,7 +230,7 @@ def place(request: pytest.FixtureRequest, containerkitd: RunningDaemon, busybox:
     )
 
 
-@pytest_daemon
+@needs_containers
 def test_data_in_a_volume_survives_its_containers(place: Place) -> None:
     mount = "type=volume,src=data,dst=/data"
     assert place.run("c1", mount, "echo hi > /data/f; echo written", "--rm").stdout == "written\n"
@@ -240,7 +242,7 @@ def test_data_in_a_volume_survives_its_containers(place: Place) -> None:
     assert place.ckctl("containers", "ls", "-q").stdout == ""
 
 
-@pytest_daemon
+@needs_containers
 def test_ctr_run_mounts_volumes_through_the_hook(place: Place) -> None:
     place.ckctl("volumes", "create", "--label", "made=by-ckctl", "shared")
     place.ctr("run", "--rm", "--mount", "type=volume,src=shared,dst=/v,options=rbind:rw", place.image, "w1",
@@ -259,7 +261,7 @@ def test_ctr_run_mounts_volumes_through_the_hook(place: Place) -> None:
     assert place.ctr("containers", "ls", "-q").stdout == ""
 
 
-@pytest_daemon
+@needs_containers
 def test_read_only_mounts_are_read_only_inside(place: Place, tmp_path: Path) -> None:
     place.run("w", "type=volume,src=data,dst=/data", "echo v > /data/f", "--rm")
     probe = "cat /data/f; touch /data/new 2>/dev/null && echo writable || echo read-only"
@@ -270,7 +272,7 @@ def test_read_only_mounts_are_read_only_inside(place: Place, tmp_path: Path) -> 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["f"]
 
 
-@pytest_daemon
+@needs_containers
 def test_remove_is_refused_while_a_container_mounts_the_volume(place: Place) -> None:
     place.run("keeper", "type=volume,src=data,dst=/data", "echo kept > /data/f")  # no --rm: the container stays
     place.run("runner", "type=volume,src=data,dst=/data", "sleep 1000", "-d")
@@ -286,11 +288,9 @@ def test_remove_is_refused_while_a_container_mounts_the_volume(place: Place) -> 
     place.ckctl("containers", "rm", "keeper")
     assert place.ckctl("volumes", "rm", "data").stdout == "data\n"
     assert place.volumes() == {} and not (place.daemon.root / "volumes" / place.namespace / "data").exists()
-    result = place.ckctl("namespaces", "rm", place.namespace, check=False)  # images keep it; volumes are gone
-    assert "volumes" not in result.stderr
 
 
-@pytest_daemon
+@needs_containers
 def test_volumes_are_per_namespace(place: Place) -> None:
     other = f"{place.namespace}-b"
     place.run("w", "type=volume,src=data,dst=/data", "echo a > /data/f", "--rm")
@@ -307,7 +307,7 @@ def test_volumes_are_per_namespace(place: Place) -> None:
     place.daemon.ckctl("namespaces", "rm", other)
 
 
-@pytest_daemon
+@needs_containers
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -336,7 +336,7 @@ def test_bad_input_is_one_clear_line_and_makes_nothing(place: Place, args: tuple
     assert not root.exists() or all(files_under(root / ns) == [] for ns in (place.namespace, "etc"))
 
 
-@pytest_daemon
+@needs_containers
 def test_create_and_remove_publish_events(place: Place) -> None:
     from core.api.containerd.services.events.v1 import events_pb2, events_pb2_grpc
     from core.api.containerkit.services.volumes.v1 import volumes_pb2

@@ -510,7 +510,7 @@ def convert_image(client: Client, args: argparse.Namespace) -> int:
 def sign_image(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerkit.services.transfer.v1 import transfer_pb2 as pb
 
-    request = pb.SignRequest(name=args.name, key=_read_key(args.key))
+    request = pb.SignRequest(name=args.name, key_path=_key_path(args.key))
     response = client.call(transfer_stub(client).Sign, request)
     print(f"{args.name}: signed by key {response.key_id} ({response.signature.digest})")
     return 0
@@ -520,15 +520,14 @@ def verify_image(client: Client, args: argparse.Namespace) -> int:
     """Print each valid signature; fails (the daemon's FAILED_PRECONDITION) when there is none."""
     from core.api.containerkit.services.transfer.v1 import transfer_pb2 as pb
 
-    request = pb.VerifyRequest(name=args.name, public_keys=[_read_key(path) for path in args.key])
+    request = pb.VerifyRequest(name=args.name, public_key_paths=[_key_path(path) for path in args.key])
     for signature in client.call(transfer_stub(client).Verify, request).signatures:
         print(f"{args.name}: valid signature by key {signature.key_id} ({signature.artifact.digest})")
     return 0
 
 
-def _read_key(path: str) -> bytes:
-    try:
-        with open(path, "rb") as key:
-            return key.read()
-    except OSError as err:
-        raise CliError(f"cannot read key {path}: {err.strerror or err}") from None
+def _key_path(path: str) -> str:
+    """The absolute path of a key file (the daemon, on this host, reads it); CliError when it is not a file."""
+    if not os.path.isfile(path):
+        raise CliError(f"key {path}: no such file")
+    return os.path.abspath(path)

@@ -60,8 +60,8 @@ class Differ(ABC):
         e.g. from a registry: nothing is read from the content store) onto ``mounts``.
 
         Same result and errors as :meth:`apply` (NotFound aside); errors raised by ``chunks`` pass
-        through. The caller vouches for ``chunks`` being the blob of ``layer`` (checking its digest
-        is the caller's job, and it must not keep the layer until it has). The default applies with
+        through. Nothing checks that ``chunks`` are the blob of ``layer``: the caller verifies its
+        digest and commits the snapshot only once it has. The default applies with
         :func:`core.diff.apply.apply_layer`; ``namespace`` is for plugins that need it.
         """
         from core.diff.apply import apply_layer

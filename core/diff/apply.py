@@ -25,9 +25,9 @@ from core.errors import FailedPrecondition
 from core.oci import OCI_LAYER
 from core.types import Descriptor, Mount
 
-__all__ = ["apply_layer", "direct_target"]
+__all__ = ["apply_layer", "direct_target", "hand_over"]
 
-_QUEUE_DEPTH = 8  # decompressed pieces (each up to 4 MiB) the inflating thread may run ahead
+_QUEUE_DEPTH = 2  # decompressed pieces (each up to 4 MiB) the inflating thread may run ahead (per layer in flight)
 _POLL = 0.1  # seconds a blocked queue operation waits before looking whether it should stop
 _END = object()
 
@@ -136,12 +136,12 @@ class _Inflater:
         try:
             for piece in decompress(chunks, compression):
                 self._size += len(piece)
-                if not (self._put(self._hashing, piece) and self._put(self._pieces, piece)):
+                if not (hand_over(self._hashing, piece, self._stop) and hand_over(self._pieces, piece, self._stop)):
                     return
         except BaseException as err:
             self._error = err
-        if self._put(self._hashing, _END):
-            self._put(self._pieces, _END)
+        if hand_over(self._hashing, _END, self._stop):
+            hand_over(self._pieces, _END, self._stop)
 
     def _hash(self) -> None:
         update = self._digester.update
@@ -156,12 +156,14 @@ class _Inflater:
                 return
             update(piece)  # type: ignore[arg-type]
 
-    def _put(self, into: queue.Queue[object], item: object) -> bool:
-        """Queue ``item`` unless the consumer has gone away; return whether it was queued."""
-        while not self._stop.is_set():
-            try:
-                into.put(item, timeout=_POLL)
-                return True
-            except queue.Full:
-                continue
-        return False
+
+def hand_over(into: queue.Queue[object], item: object, stop: threading.Event) -> bool:
+    """Put ``item`` into the bounded ``into`` unless ``stop`` is set meanwhile (its consumer went away);
+    return whether it was put."""
+    while not stop.is_set():
+        try:
+            into.put(item, timeout=_POLL)
+            return True
+        except queue.Full:
+            continue
+    return False

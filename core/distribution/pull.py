@@ -1,8 +1,8 @@
 """Pulling an image from a registry into a namespace: fetch and unpack in one streaming pass.
 
 :meth:`Puller.pull` resolves the reference, then fetches the index and the manifests and configs of
-the wanted platforms (each verified, and taken from the namespace's content when it has them
-already), then the layers, and creates the image record last. Blobs are stored as containerd's
+the wanted platforms (each verified, and read from the content store when it has them already), then
+the layers, and creates the image record last. Blobs are stored as containerd's
 pull stores them: the labels ``containerd.io/gc.ref.content.m.<i>`` (index -> manifests),
 ``...config`` and ``...l.<i>`` (manifest -> config and layers) keep the graph alive under the image,
 and ``containerd.io/distribution.source.<host>=<repository>`` records where each blob came from.
@@ -12,8 +12,10 @@ snapshotter that can rebase, each layer is *applied while it arrives*: its bytes
 writer (hashing them) and to the differ at once, every layer extracting in parallel into a parentless
 snapshot that is rebased onto its parent in order (:class:`core.unpack.Unpacker` with a
 :data:`~core.unpack.LayerSource`). A layer's snapshot is committed only once its blob's digest and
-its diff id are verified; a bad layer leaves its ingest aborted and no snapshot. Other snapshotters
-get the layers downloaded first, then unpacked. Memory stays flat: nothing holds a layer whole.
+its diff id are verified; a bad layer leaves its ingest aborted and no snapshot. A thread per layer
+fetches and writes it a few chunks ahead of the differ, so fetching overlaps with extracting. Other
+snapshotters get the layers downloaded first, then unpacked. Memory stays flat: nothing holds a layer
+whole, and what a layer in flight holds is bounded (a few MiB of chunks and decompressed pieces).
 
 Blobs the namespace has are not downloaded; blobs the store has (another namespace pulled them) are
 only recorded. Every blob is written through the ingest ``pull-<digest>``, so a pull that failed
@@ -32,10 +34,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from core import oci
 from core.content import Info, Writer
+from core.diff.apply import hand_over
 from core.digest import Digest
 from core.distribution.blobs import gc_labels, write_blob
 from core.distribution.progress import Progress, ProgressFn, blob_ref
@@ -43,7 +46,7 @@ from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotF
 from core.metadata.images import LABEL_GC_REF_CONTENT, Image
 from core.metadata.leases import LABEL_GC_EXPIRE
 from core.types import Descriptor, Platform
-from core.unpack import lease_expiry
+from core.unpack import LayerSource, lease_expiry
 
 if TYPE_CHECKING:
     from core.distribution.reference import Reference
@@ -67,9 +70,10 @@ LABEL_PULL = "containerkit.io/pull"
 """Label of a pull's lease: the reference pulled (a lease left by a failed pull says what it was for)."""
 
 _LOCKED_WAIT_MAX = 1.0  # seconds between looks at an ingest another pull is writing
-_AHEAD = 8  # chunks (of up to 1 MiB) a layer's fetching thread may run ahead of its differ
-_POLL = 0.1  # seconds a blocked hand-over waits before looking whether it should stop
+_AHEAD = 4  # chunks (of up to 1 MiB) a layer's fetching thread may run ahead of its differ
 _END = object()
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,8 @@ class Puller:
             image = job.run()
         except BaseException as err:
             log.info("pull of %s failed; lease %s keeps what was fetched for a retry: %s", ref, lease, err)
-            job.report(str(ref), "image", "", "error", message=str(err))
+            with suppress(Exception):  # the progress function may be what failed
+                job.report(str(ref), "image", "", "error", message=str(err))
             raise
         self._leases.delete(namespace, lease)
         return image
@@ -181,10 +186,11 @@ class _Pull:
         name = str(self.ref)
         root, data = self.client.resolve(self.ref)
         self.documents[root.digest] = data
+        manifests_to_unpack: list[Descriptor] = []
         if self.options.platforms is not None and not self.options.platforms:
             manifests = self._walk_all(root)
             with suppress(NotFound):  # an image without the host's platform is fetched, not unpacked
-                manifests_to_unpack = [self._resolve(root, None).manifest_descriptor]
+                manifests_to_unpack.append(self._resolve(root, None).manifest_descriptor)
         else:
             wanted = self.options.platforms or [None]
             manifests = _unique(self._resolve(root, platform).manifest_descriptor for platform in wanted)
@@ -239,9 +245,8 @@ class _Pull:
                 data = self.client.fetch_manifest(self.ref, desc)
             else:
                 data = b"".join(self.client.fetch_blob(self.ref, desc))
-        _verify(
-            desc, Digest.from_bytes(data, desc.digest.algorithm), len(data), f"{_kind(desc.media_type)} {desc.digest}"
-        )
+        name = f"{_kind(desc.media_type)} {desc.digest}"
+        _verify(desc, Digest.from_bytes(data, desc.digest.algorithm), len(data), name)
         self.documents[desc.digest] = data
         return data
 
@@ -274,12 +279,16 @@ class _Pull:
 
     def _store_document(self, desc: Descriptor, refs: Mapping[str, str]) -> None:
         """Store a document read before with the labels ``refs`` and the source label."""
-        write_blob(self.content, self.namespace, self.documents[desc.digest], desc.media_type, lease=self.lease,
-                   labels={**refs, **self._source(desc.digest)})  # fmt: skip
+        labels = {**refs, **self._source(desc.digest)}
+        data = self.documents[desc.digest]
+        _unlocked(
+            lambda: write_blob(self.content, self.namespace, data, desc.media_type, lease=self.lease, labels=labels)
+        )
         kind = _kind(desc.media_type)
         self.report(blob_ref(kind, str(desc.digest)), kind, str(desc.digest), "done", desc.size, desc.size)
 
-    def _unpack(self, manifests: list[Descriptor], source: Any) -> None:
+    def _unpack(self, manifests: list[Descriptor], source: LayerSource | None) -> None:
+        """Unpack the image of each of ``manifests`` under the pull's lease, its layers from ``source``."""
         for manifest in manifests:
             self.puller._unpacker.unpack(
                 self.namespace,
@@ -380,16 +389,11 @@ class _Pull:
         """The ingest of ``desc`` (resumed where it stopped), or None when the namespace has the blob
         (then ``labels`` are set on it). Waits while another pull writes the same blob."""
         ref = INGEST_PREFIX + str(desc.digest)
-        delay = 0.01
-        while True:
-            try:
-                return self.content.writer(self.namespace, ref, desc.size, desc.digest, lease=self.lease)
-            except AlreadyExists:
-                self._label(desc, labels)
-                return None
-            except Unavailable:  # "ref locked": the other writer commits or gives up soon
-                time.sleep(delay)
-                delay = min(delay * 2, _LOCKED_WAIT_MAX)
+        try:
+            return _unlocked(lambda: self.content.writer(self.namespace, ref, desc.size, desc.digest, lease=self.lease))
+        except AlreadyExists:
+            self._label(desc, labels)
+            return None
 
     def _label(self, desc: Descriptor, labels: Mapping[str, str]) -> None:
         self.content.update(self.namespace, Info(desc.digest, labels=labels), [f"labels.{key}" for key in labels])
@@ -498,21 +502,25 @@ class _Ahead:
     def _run(self, chunks: Iterator[bytes]) -> None:
         try:
             for chunk in chunks:
-                if not self._put(chunk):
+                if not hand_over(self._queue, chunk, self._stop):
                     return
         except BaseException as err:
             self._error = err
-        self._put(_END)
+        hand_over(self._queue, _END, self._stop)
 
-    def _put(self, item: object) -> bool:
-        """Queue ``item`` unless told to stop; return whether it was queued."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=_POLL)
-                return True
-            except queue.Full:
-                continue
-        return False
+
+def _unlocked(call: Callable[[], T]) -> T:
+    """``call()``, made again after a while for as long as it finds its ingest locked by another writer (the
+    Unavailable "ref ... locked" of a concurrent pull of the same blob, which commits or gives up soon)."""
+    delay = 0.01
+    while True:
+        try:
+            return call()
+        except Unavailable as err:
+            if "locked" not in str(err):
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, _LOCKED_WAIT_MAX)
 
 
 def _verify(desc: Descriptor, digest: Digest, size: int, name: str) -> None:

@@ -195,15 +195,21 @@ def _utc(seconds: float) -> Any:
 
 @functools.cache
 def _import_event_messages() -> None:
-    """Load every event message module (``core/api/containerd/events/*_pb2``) into the descriptor pool."""
+    """Load every event message module into the descriptor pool: containerd's
+    (``core/api/containerd/events/*_pb2``) and those our own services declare beside their calls
+    (``core/api/containerkit/services/<name>/v1/*_pb2``)."""
     import importlib
     import pkgutil
 
     from core.api.containerd import events
+    from core.api.containerkit import services
 
-    for module in pkgutil.iter_modules(events.__path__):
-        if module.name.endswith("_pb2"):
-            importlib.import_module(f"{events.__name__}.{module.name}")
+    packages = [events.__name__]
+    packages += [f"{services.__name__}.{service.name}.v1" for service in pkgutil.iter_modules(services.__path__)]
+    for package in packages:
+        for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
+            if module.name.endswith("_pb2"):
+                importlib.import_module(f"{package}.{module.name}")
 
 
 def _init(context: InitContext) -> EventsService:

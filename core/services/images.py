@@ -35,6 +35,21 @@ def descriptor_pb(descriptor: Descriptor) -> Any:
     return message
 
 
+def image_pb(image: Image) -> Any:
+    """The ``containerd.services.images.v1.Image`` message of ``image``."""
+    from core.api.containerd.services.images.v1 import images_pb2
+
+    message = images_pb2.Image(
+        name=image.name,
+        target=descriptor_pb(image.target),
+        created_at=timestamp(image.created_at),
+        updated_at=timestamp(image.updated_at),
+    )
+    if image.labels:  # as in descriptor_pb: no generic update() of an empty map
+        message.labels.update(image.labels)
+    return message
+
+
 def descriptor_of(message: Any) -> Descriptor:
     """The :class:`Descriptor` of a ``containerd.types.Descriptor`` message (InvalidArgument if bad)."""
     return Descriptor(
@@ -68,17 +83,6 @@ class ImagesService:
         from core.api.containerd.services.images.v1 import images_pb2_grpc as pb_grpc
 
         service, store, events = self, self.store, self._events
-
-        def image_pb(image: Image) -> Any:
-            message = pb.Image(
-                name=image.name,
-                target=descriptor_pb(image.target),
-                created_at=timestamp(image.created_at),
-                updated_at=timestamp(image.updated_at),
-            )
-            if image.labels:  # as in descriptor_pb: no generic update() of an empty map
-                message.labels.update(image.labels)
-            return message
 
         class Servicer(pb_grpc.ImagesServicer):
             def Get(self, request: Any, context: grpc.ServicerContext) -> Any:

@@ -75,7 +75,6 @@ def runtime_options(type_url: str, value: bytes) -> dict[str, Any]:
 
     InvalidArgument for any other type or an undecodable value.
     """
-    from google.protobuf import json_format
     from google.protobuf.message import DecodeError
 
     from core.api.containerd.runc.v1 import options_pb2
@@ -87,7 +86,7 @@ def runtime_options(type_url: str, value: bytes) -> dict[str, Any]:
         message.ParseFromString(value)
     except DecodeError as err:
         raise InvalidArgument(f"invalid {RUNC_OPTIONS}: {err}") from None
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return {field.name: setting for field, setting in message.ListFields()}  # all scalars: str, bool, int
 
 
 def json_object(any_message: Any, what: str) -> dict[str, Any]:

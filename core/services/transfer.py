@@ -15,6 +15,7 @@ service's own are ``[plugins.service.transfer.registries."HOST"]`` username/pass
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -154,10 +155,12 @@ class TransferService:
         from core.distribution.pull import Puller
 
         self.config = config
+        self._events = events
         self._content = content
         self._images = images
         self._unpacker = unpacker
         self._puller = Puller(content, images, unpacker, leases, events)
+        self._credentials = self._credential_store()
         self._active: set[_Stream] = set()
         self._lock = threading.Lock()
 
@@ -177,8 +180,9 @@ class TransferService:
             mirrors=tuple(table.mirrors),
         )
 
-    def credential_store(self) -> CredentialStore:
-        """The daemon's credentials: the config's per host, then its user's docker config.json."""
+    def _credential_store(self) -> CredentialStore:
+        """The daemon's credentials: the config's per host, then its user's docker config.json (re-read
+        when it changes)."""
         from core.distribution.auth import Credentials, CredentialStore, default_docker_config
 
         configured = {
@@ -196,7 +200,7 @@ class TransferService:
 
         return RegistryClient(
             lambda host: self.host_config(host, plain_http),
-            self.credential_store(),
+            self._credentials,
             Credentials(username, password) if username else None,
             max_manifest_size=self.config.max_manifest_size,
         )
@@ -253,7 +257,7 @@ class TransferService:
         if request.compression:
             local = self.convert(namespace, local, TEMP_IMAGE_PREFIX + uuid.uuid4().hex, request.compression).name
         try:
-            target = Pusher(self._content, self._images).push(
+            target = Pusher(self._content, self._images, workers=self.config.max_concurrent_uploads).push(
                 namespace,
                 local,
                 ref,
@@ -272,9 +276,25 @@ class TransferService:
         """Recompress ``source``'s layers with ``compression`` (zstd or gzip) into the image ``target``."""
         from core.distribution.convert import convert_image
 
-        return convert_image(
+        image = convert_image(
             self._content, self._images, namespace, source, target, compression=compression, level=level or None
         )
+        return self.published(namespace, image)
+
+    def published(self, namespace: str, image: Image) -> Image:
+        """``image`` (as just stored) after publishing ``/images/create``, or ``/images/update`` when it
+        replaced a record (a fresh record's creation and update times are the same instant)."""
+        from core.api.containerd.events import image_pb2 as events_pb
+
+        if image.created_at == image.updated_at:
+            self._events.publish(
+                namespace, "/images/create", events_pb.ImageCreate(name=image.name, labels=dict(image.labels))
+            )
+        else:
+            self._events.publish(
+                namespace, "/images/update", events_pb.ImageUpdate(name=image.name, labels=dict(image.labels))
+            )
+        return image
 
     # -- gRPC ------------------------------------------------------------------------------------------
 
@@ -396,7 +416,7 @@ class TransferService:
                     base_name=options.base_name,
                     labels=dict(options.labels),
                 )
-                return pb.ImportResponse(images=[image_pb(image) for image in images])
+                return pb.ImportResponse(images=[image_pb(service.published(namespace, image)) for image in images])
 
             def Convert(self, request: Any, context: grpc.ServicerContext) -> Any:
                 namespace = namespace_of(context)
@@ -407,16 +427,18 @@ class TransferService:
                 from core.distribution import signature
 
                 namespace = namespace_of(context)
-                signed = signature.sign(service._content, service._images, namespace, request.name, request.key)
+                key = _absolute(request.key_path, "key_path")
+                signed = signature.sign(service._content, service._images, namespace, request.name, key)
                 return pb.SignResponse(signature=descriptor_pb(signed.descriptor), key_id=signed.key_id)
 
             def Verify(self, request: Any, context: grpc.ServicerContext) -> Any:
                 from core.distribution import signature
 
                 namespace = namespace_of(context)
-                valid = signature.verify(
-                    service._content, service._images, namespace, request.name, list(request.public_keys)
-                )
+                keys = [_absolute(path, "public_key_paths") for path in request.public_key_paths]
+                if not keys:
+                    raise InvalidArgument("verify needs at least one public key")
+                valid = signature.verify(service._content, service._images, namespace, request.name, keys)
                 return pb.VerifyResponse(
                     signatures=[pb.Signature(key_id=s.key_id, artifact=descriptor_pb(s.descriptor)) for s in valid]
                 )
@@ -474,6 +496,13 @@ class _ChunkWriter:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is None and self._buffer:
             self._emit(bytes(self._buffer))
+
+
+def _absolute(path: str, field_name: str) -> str:
+    """``path`` when it is absolute (the daemon's working directory means nothing to a client)."""
+    if not os.path.isabs(path):
+        raise InvalidArgument(f"{field_name} {path!r} must be an absolute path")
+    return path
 
 
 def _data_of(requests: Iterable[Any]) -> Iterator[bytes]:

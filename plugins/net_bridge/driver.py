@@ -7,8 +7,10 @@ route), up, with the network's MTU. An attachment is a veth pair: the host end
 inside the container's netns under its final name (``eth0``...), with the MTU, a MAC derived from its
 address (``02:42:`` and the address's four bytes, as Docker does), its address, up, a
 default route via the gateway (unless the netns has one already: a container's second network adds
-none, and its attachment's ``gateway`` is ``""``), and loopback up. No firewall rules and no host routes are added:
-isolation between networks is the host's (containers reach other subnets only if the host forwards).
+none, and its attachment's ``gateway`` is ``""``), and loopback up. No firewall rules and no host routes are added.
+Networks are isolated from each other even on a host that forwards IPv4: every bridge has its own
+``net.ipv4.conf.<bridge>.forwarding`` set to 0, so the host never routes what arrives from a container
+(it still answers it: the gateway address is the host's own).
 
 State: ``<root>/bridge.db`` (a :class:`core.metadata.MetadataStore` file) records networks,
 attachments and the address allocations (:mod:`plugins.net_bridge.allocator`). Every mutation runs
@@ -159,7 +161,7 @@ class BridgeDriver(NetnsInterfaces, NetworkDriver):
                     )
             with host_route() as ipr:
                 check_host_routes(ipr, subnet)
-                if find_index(ipr, network.device) is not None:
+                if find_index(network.device) is not None:
                     raise FailedPrecondition(
                         f"device {network.device} exists on the host but is no network of this driver ({self.root})"
                     )
@@ -187,7 +189,7 @@ class BridgeDriver(NetnsInterfaces, NetworkDriver):
         """Remove the bridge and forget the network; see :meth:`NetworkDriver.delete`."""
         with self._lock, self._store.transaction() as conn, host_route() as ipr:
             record = self._record(conn, network)
-            attached = sorted(self._live_attachments(conn, ipr, record))
+            attached = sorted(self._live_attachments(conn, record))
             if attached:
                 raise FailedPrecondition(
                     f"network {record.name} has containers attached: {', '.join(attached)}; detach them first"
@@ -254,9 +256,9 @@ class BridgeDriver(NetnsInterfaces, NetworkDriver):
     def attachments(self, network: Network) -> list[Attachment]:
         """The containers attached, by id; an attachment whose veth vanished (its netns was destroyed)
         is released on the way."""
-        with self._lock, self._store.transaction() as conn, host_route() as ipr:
+        with self._lock, self._store.transaction() as conn:
             record = self._record(conn, network)
-            live = self._live_attachments(conn, ipr, record)
+            live = self._live_attachments(conn, record)
         return [live[key] for key in sorted(live)]
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -280,11 +282,11 @@ class BridgeDriver(NetnsInterfaces, NetworkDriver):
         )
         self._allocator.release(conn, _pool(record), container_id)
 
-    def _live_attachments(self, conn: sqlite3.Connection, ipr: IPRoute, record: Network) -> dict[str, Attachment]:
+    def _live_attachments(self, conn: sqlite3.Connection, record: Network) -> dict[str, Attachment]:
         """The attachments of ``record`` whose host veth exists, by container id; the others are released."""
         live = {}
         for attachment in _select_attachments(conn, record):
-            if find_index(ipr, attachment.host_ifname) is not None:
+            if find_index(attachment.host_ifname) is not None:
                 live[attachment.container_id] = attachment
             else:
                 self._forget(conn, record, attachment.container_id)
@@ -296,7 +298,7 @@ class BridgeDriver(NetnsInterfaces, NetworkDriver):
         again (which removes the peer too)."""
         where = f"netns {attachment.netns_path}"
         with host_route() as host, netns_route(attachment.netns_path, fd) as inner:
-            bridge = find_index(host, record.device)
+            bridge = find_index(record.device)
             if bridge is None:
                 raise FailedPrecondition(
                     f"bridge {record.device} of network {record.name} vanished; restart to restore it"
@@ -324,8 +326,8 @@ class BridgeDriver(NetnsInterfaces, NetworkDriver):
                     raise
                 with netlink_errors(f"configuring veth {attachment.host_ifname} and {attachment.ifname} in {where}"):
                     if self._hairpin:
-                        host.brport("set", index=index_of(host, attachment.host_ifname, "the host"), mode=1)
-                    index = index_of(inner, attachment.ifname, where)
+                        host.brport("set", index=index_of(attachment.host_ifname), mode=1)
+                    index = index_of(attachment.ifname, (attachment.netns_path, fd))
                     address = ipaddress.IPv4Interface(attachment.addresses[0])
                     inner.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
                     inner.link("set", index=index, state="up")
@@ -342,14 +344,12 @@ class BridgeDriver(NetnsInterfaces, NetworkDriver):
             records = _select_networks(conn)
             bridges = set()
             for record in records:
-                index = find_index(ipr, record.device)
+                index = find_index(record.device)
                 bridge = _make_bridge(ipr, record) if index is None else index
                 bridges.add(bridge)
-                for attachment in self._live_attachments(conn, ipr, record).values():
+                for attachment in self._live_attachments(conn, record).values():
                     with netlink_errors(f"putting {attachment.host_ifname} back on {record.device}"):
-                        ipr.link(
-                            "set", index=index_of(ipr, attachment.host_ifname, "the host"), master=bridge, state="up"
-                        )
+                        ipr.link("set", index=index_of(attachment.host_ifname), master=bridge, state="up")
             known = {row[0] for row in conn.execute("SELECT host_ifname FROM attachments")}
             for link in ipr.get_links():
                 name = link.get_attr("IFLA_IFNAME")
@@ -426,9 +426,16 @@ def _make_bridge(ipr: IPRoute, network: Network) -> int:
     prefixlen = ipaddress.IPv4Network(network.subnet).prefixlen
     with netlink_errors(f"creating bridge {network.device} for network {network.name}"):
         ipr.link("add", ifname=network.device, kind="bridge", mtu=network.mtu, state="up")
-        index = index_of(ipr, network.device, "the host")
+        index = index_of(network.device)
+        _stop_forwarding(network.device)
         ipr.addr("add", index=index, address=network.gateway, prefixlen=prefixlen)
     return index
+
+
+def _stop_forwarding(device: str) -> None:
+    """Make the host route nothing that arrives on ``device`` (IPv4 forwarding off for that interface)."""
+    with open(f"/proc/sys/net/ipv4/conf/{device}/forwarding", "w") as sysctl:
+        sysctl.write("0")
 
 
 def _add_default_route(ipr: IPRoute, index: int, gateway: str) -> str:
@@ -445,7 +452,7 @@ def _add_default_route(ipr: IPRoute, index: int, gateway: str) -> str:
 
 def _remove_link(ipr: IPRoute, ifname: str) -> None:
     """Delete the host interface ``ifname``; nothing when there is none."""
-    index = find_index(ipr, ifname)
+    index = find_index(ifname)
     if index is not None:
         with suppress(NotFound), netlink_errors(f"removing {ifname}"):
             ipr.link("del", index=index)

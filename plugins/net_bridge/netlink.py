@@ -4,7 +4,9 @@ interface-management half of :class:`core.network.NetworkDriver` built on it.
 A netns is given as the path of its file (``/run/netns/NAME``, ``/proc/PID/ns/net``). A netlink
 socket belongs to the netns it was created in, so :func:`netns_route` creates its socket after
 ``setns(2)`` of the calling thread only (and back), which is cheap and leaves every other thread of
-the process where it was. Usable by any driver whose containers live in netns files:
+the process where it was; :func:`find_index` looks an interface up the same way, with
+``if_nametoindex(3)`` (an ioctl) instead of decoding a netlink reply. Usable by any driver whose
+containers live in netns files:
 :class:`NetnsInterfaces` gives it ``interfaces``, ``set_mtu``... without a device model of its own.
 """
 
@@ -135,8 +137,10 @@ def netns_route(path: str, fd: int | None = None) -> Iterator[IPRoute]:
         yield ipr
 
 
-def _socket_in(path: str, fd: int) -> int:
-    """A netlink route socket (its fd) made in the netns of ``fd`` by this thread, which then returns."""
+@contextmanager
+def _entered(path: str, fd: int) -> Iterator[None]:
+    """The calling thread in the netns of ``fd`` (the file at ``path``) for the block, then back where it
+    was; InvalidArgument when ``fd`` is no netns."""
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:
@@ -146,11 +150,17 @@ def _socket_in(path: str, fd: int) -> int:
                 raise InvalidArgument(f"{path} is not a network namespace") from exc
             raise
         try:
-            return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_ROUTE).detach()
+            yield
         finally:
             pyroute2_netns.setns(own)
     finally:
         os.close(own)
+
+
+def _socket_in(path: str, fd: int) -> int:
+    """A netlink route socket (its fd) made in the netns of ``fd``."""
+    with _entered(path, fd):
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_ROUTE).detach()
 
 
 def check_host_routes(ipr: IPRoute, subnet: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
@@ -163,21 +173,25 @@ def check_host_routes(ipr: IPRoute, subnet: ipaddress.IPv4Network | ipaddress.IP
             raise FailedPrecondition(f"subnet {subnet} overlaps the host route to {destination}")
 
 
-def find_index(ipr: IPRoute, ifname: str) -> int | None:
-    """The index of interface ``ifname``, None when there is none (one RTM_GETLINK, no dump)."""
+def find_index(ifname: str, netns: tuple[str, int] | None = None) -> int | None:
+    """The index of interface ``ifname`` in the calling thread's netns, or in ``netns`` (its path and an
+    open fd); None when there is none. An ioctl, not a netlink dump."""
     try:
-        return int(ipr.link("get", ifname=ifname)[0]["index"])
-    except NetlinkError as exc:
-        if exc.code == errno.ENODEV:
+        if netns is None:
+            return socket.if_nametoindex(ifname)
+        with _entered(*netns):
+            return socket.if_nametoindex(ifname)
+    except OSError as exc:
+        if exc.errno in (None, errno.ENODEV):  # if_nametoindex's "no interface with this name" has no errno
             return None
         raise
 
 
-def index_of(ipr: IPRoute, ifname: str, where: str) -> int:
-    """The index of interface ``ifname``; NotFound (naming ``where``) when there is none."""
-    index = find_index(ipr, ifname)
+def index_of(ifname: str, netns: tuple[str, int] | None = None) -> int:
+    """:func:`find_index`, raising NotFound (naming the netns, or the host) when there is no such interface."""
+    index = find_index(ifname, netns)
     if index is None:
-        raise NotFound(f"no interface {ifname!r} in {where}")
+        raise NotFound(f"no interface {ifname!r} in {f'netns {netns[0]}' if netns else 'the host'}")
     return index
 
 
@@ -190,7 +204,7 @@ def _cidr(address: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
         raise InvalidArgument(f"invalid address {address!r}: {exc}") from exc
 
 
-def _route_fields(ipr: IPRoute, path: str, route: Route) -> dict[str, object]:
+def _route_fields(netns: tuple[str, int], route: Route) -> dict[str, object]:
     """The pyroute2 arguments of ``route``; InvalidArgument for a malformed one, NotFound for its ifname."""
     try:
         gateway = ipaddress.ip_address(route.gateway) if route.gateway else None
@@ -212,7 +226,7 @@ def _route_fields(ipr: IPRoute, path: str, route: Route) -> dict[str, object]:
     if gateway is not None:
         fields["gateway"] = str(gateway)
     if route.ifname:
-        fields["oif"] = index_of(ipr, route.ifname, f"netns {path}")
+        fields["oif"] = index_of(route.ifname, netns)
     return fields
 
 
@@ -301,22 +315,22 @@ class NetnsInterfaces:
         self._route("del", netns_path, route)
 
     def _set_link(self, netns_path: str, ifname: str, what: str, **changes: object) -> None:
-        with netns_route(netns_path) as ipr:
-            index = index_of(ipr, ifname, f"netns {netns_path}")
+        with open_netns(netns_path) as fd, netns_route(netns_path, fd) as ipr:
+            index = index_of(ifname, (netns_path, fd))
             with netlink_errors(what):
                 ipr.link("set", index=index, **changes)
 
     def _address(self, command: str, netns_path: str, ifname: str, address: str) -> None:
         cidr = _cidr(address)
-        with netns_route(netns_path) as ipr:
-            index = index_of(ipr, ifname, f"netns {netns_path}")
+        with open_netns(netns_path) as fd, netns_route(netns_path, fd) as ipr:
+            index = index_of(ifname, (netns_path, fd))
             verb = "adding" if command == "add" else "removing"
             with netlink_errors(f"{verb} {address} on {ifname} in netns {netns_path}"):
                 ipr.addr(command, index=index, address=str(cidr.ip), prefixlen=cidr.network.prefixlen)
 
     def _route(self, command: str, netns_path: str, route: Route) -> None:
-        with netns_route(netns_path) as ipr:
-            fields = _route_fields(ipr, netns_path, route)
+        with open_netns(netns_path) as fd, netns_route(netns_path, fd) as ipr:
+            fields = _route_fields((netns_path, fd), route)
             verb = "adding" if command == "add" else "removing"
             with netlink_errors(f"{verb} route {route.destination} in netns {netns_path}"):
                 ipr.route(command, **fields)

@@ -212,7 +212,8 @@ class RuncTask(Task):
                 exit = self._processes[None].exit or self._lost_exit(None)
             self._closing = True
             gone = self._gone_at is not None
-            self._runtime.teardown(self._namespace, self._id, self._settings, self._shutdown_shim(), force=gone)
+            exiting, stale = self._shutdown_shim()
+            self._runtime.teardown(self._namespace, self._id, self._settings, stale, force=gone, exiting=exiting)
             self._deleted = True
             self._client.close()
             self._runtime.forget(self)
@@ -376,15 +377,15 @@ class RuncTask(Task):
                 process = self._processes.get(exec_id)
             return ExitStatus(UNKNOWN_EXIT_STATUS, self._gone_at or datetime.now(UTC), process.pid if process else 0)
 
-    def _shutdown_shim(self) -> int:
-        """Ask a live shim to exit and wait for it; return the pid of a shim that is still around (or 0)."""
+    def _shutdown_shim(self) -> tuple[int, int]:
+        """Ask a live shim to exit: (its pid, to await), or (0, the pid of a stale shim still around, to kill)."""
         if self._gone_at is not None or not self._shim_pid:
-            return _stale_shim_pid(self._bundle, self._socket)
+            return 0, _stale_shim_pid(self._bundle, self._socket)
         try:
             self._client.call("shutdown", {}, timeout=SHUTDOWN_TIMEOUT)
         except (ContainerkitError, OSError) as err:
             log.warning("shim of task %s did not shut down: %s", self._id, err)
-        return 0 if _await_exit(self._shim_pid, SHUTDOWN_TIMEOUT) else self._shim_pid
+        return self._shim_pid, 0
 
     def launch(self, stdio: Stdio) -> None:
         """Start the task's shim in its ready bundle and create the init process."""
@@ -409,8 +410,9 @@ class RuncTask(Task):
     def discard(self) -> None:
         """Remove all of a task whose creation failed: its shim, runc container, mounts and bundle."""
         self._closing = True
+        exiting, stale = self._shutdown_shim()
         self._runtime.teardown(
-            self._namespace, self._id, self._settings, self._shutdown_shim(), force=bool(self._shim_pid)
+            self._namespace, self._id, self._settings, stale, force=bool(self._shim_pid), exiting=exiting
         )
 
     def disconnect(self) -> None:
@@ -485,6 +487,7 @@ class RuncRuntime(Runtime):
         self._tasks: dict[tuple[str, str], RuncTask] = {}
         self._reserved: set[tuple[str, str]] = set()
         self._binaries: dict[str, str] = {}
+        self._fork_error = ""
         self._lock = threading.Lock()
 
     def bundle_path(self, namespace: str, id: str) -> Path:
@@ -584,10 +587,13 @@ class RuncRuntime(Runtime):
             try:
                 pid = self.fork_server.spawn(args, title, str(shim_log), SPAWN_TIMEOUT)
             except Unusable as err:
-                log.info("%s: spawning the shim of %s instead", err, bundle)
+                if str(err) != self._fork_error:  # once per kind of failure, not for every task
+                    self._fork_error = str(err)
+                    log.warning("%s: shims are spawned as new interpreters meanwhile", err)
             except TimeoutError:
                 raise ShimError(f"shim did not serve within {SPAWN_TIMEOUT:g}s: {tail(shim_log)}") from None
             else:
+                self._fork_error = ""
                 if not pid:
                     raise ShimError(f"shim exited before serving: {tail(shim_log)}")
                 return pid
@@ -595,9 +601,12 @@ class RuncRuntime(Runtime):
         spawn_shim(command, bundle, bundle / "shim-start.log", SPAWN_TIMEOUT)
         return int((bundle / "shim.pid").read_text())
 
-    def teardown(self, ns: str, id: str, settings: _Settings | None, stale_shim: int, *, force: bool = False) -> None:
-        """Remove what a task leaves on the host: the shim ``stale_shim`` (a pid, 0: none), with
-        ``force`` the runc container (``runc delete --force``), the rootfs mounts, the bundle, the socket."""
+    def teardown(
+        self, ns: str, id: str, settings: _Settings | None, stale_shim: int, *, force: bool = False, exiting: int = 0
+    ) -> None:
+        """Remove what a task leaves on the host: the shim ``stale_shim`` (a pid, 0: none), with ``force`` the
+        runc container (``runc delete --force``), the rootfs mounts, the bundle, the socket; the shim
+        ``exiting`` (asked to exit) is waited for last, while the rest is removed, and killed if it is slow."""
         bundle = self.bundle_path(ns, id)
         if stale_shim:
             _kill(stale_shim)
@@ -609,6 +618,8 @@ class RuncRuntime(Runtime):
         except OSError:
             unmount_all(rootfs, detach=True)
         shutil.rmtree(bundle, ignore_errors=True)
+        if exiting and not _await_exit(exiting, SHUTDOWN_TIMEOUT):
+            _kill(exiting)
         self.socket_path(ns, id).unlink(missing_ok=True)
 
     def publish_exit(self, ns: str, id: str, exec_id: str | None, exit: ExitStatus) -> None:

@@ -807,19 +807,12 @@ class Shim:
             os.unlink(self.socket_path)
         os._exit(0)
 
-    def run(self, ready: int) -> None:
-        """Serve forever; write the shim's pid and a newline to ``ready`` (and close it) once the socket listens."""
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(36, 1, 0, 0, 0):  # PR_SET_CHILD_SUBREAPER: the container processes become our children
-            sys.exit(f"shim: cannot become a child subreaper: {os.strerror(ctypes.get_errno())}")
+    def run(self, ready: int, process: tuple[int, Any]) -> None:
+        """Serve forever in a ``process`` made by :func:`prepare`; write the shim's pid and a newline to
+        ``ready`` (and close it) once the socket listens."""
+        wake, libc = process
         if os.path.basename(self.binary) == "crun" and _hybrid_cgroups():
             _hide_unified_hierarchy(libc)
-        threading.Thread(target=self.reap_loop, args=(wake_r,), daemon=True).start()
         with open(os.path.join(self.bundle, "shim.pid"), "w") as f:
             f.write(str(os.getpid()))
         with contextlib.suppress(FileNotFoundError):
@@ -832,6 +825,7 @@ class Shim:
         server.listen(128)
         os.write(ready, f"{os.getpid()}\n".encode())
         os.close(ready)
+        threading.Thread(target=self.reap_loop, args=(wake,), daemon=True).start()  # before any request
         while True:
             conn, _ = server.accept()
             threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
@@ -856,6 +850,20 @@ def _hide_unified_hierarchy(libc: Any) -> None:
         sys.exit(f"shim: cannot make a private mount namespace for crun: {os.strerror(ctypes.get_errno())}")
     if libc.umount2(b"/sys/fs/cgroup/unified", mnt_detach):
         sys.exit(f"shim: cannot hide the cgroup v2 hierarchy from crun: {os.strerror(ctypes.get_errno())}")
+
+
+def prepare() -> tuple[int, Any]:
+    """Set up the process for any task: SIGCHLD wakes the reaper through a pipe (its read end is returned,
+    with libc), and the shim is a child subreaper (the container processes become its children)."""
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, 1, 0, 0, 0):  # PR_SET_CHILD_SUBREAPER
+        sys.exit(f"shim: cannot become a child subreaper: {os.strerror(ctypes.get_errno())}")
+    return wake_r, libc
 
 
 def parse(argv: list[str]) -> dict[str, str]:
@@ -885,13 +893,13 @@ def main(argv: list[str]) -> None:
     os.close(ready_r)
     with contextlib.suppress(OSError):
         os.setsid()
-    Shim(args).run(ready_w)
+    Shim(args).run(ready_w, prepare())
 
 
-def serve_forked(argv: list[str], ready: int) -> None:
-    """Run in a process the fork server (``forkserver.py``) has already detached: parse and serve; the pid
-    goes to ``ready`` once the socket listens."""
-    Shim(parse(argv)).run(ready)
+def serve_forked(argv: list[str], ready: int, process: tuple[int, Any]) -> None:
+    """Serve in a process the fork server (``forkserver.py``) has detached and set up (:func:`prepare`) ahead of
+    the task: parse and serve; the pid goes to ``ready`` once the socket listens."""
+    Shim(parse(argv)).run(ready, process)
 
 
 if __name__ == "__main__":

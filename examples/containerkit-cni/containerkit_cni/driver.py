@@ -42,7 +42,14 @@ from core.errors import (
 )
 from core.network import Attachment, Network, NetworkConfig, NetworkDriver
 from plugins.net_bridge import NetnsInterfaces
-from plugins.net_bridge.netlink import check_host_routes, check_ifname, check_mtu, find_index, host_route
+from plugins.net_bridge.netlink import (
+    check_host_routes,
+    check_ifname,
+    check_mtu,
+    find_index,
+    host_route,
+    netlink_errors,
+)
 
 __all__ = ["CNI_PLUGINS", "CniDriver"]
 
@@ -120,9 +127,9 @@ class CniDriver(NetnsInterfaces, NetworkDriver):
                 raise FailedPrecondition(
                     f"network {record.name} has containers attached: {', '.join(attached)}; detach them first"
                 )
-            with host_route() as ipr:
-                index = find_index(ipr, record.device)
-                if index is not None:
+            index = find_index(record.device)
+            if index is not None:
+                with host_route() as ipr, netlink_errors(f"removing bridge {record.device}"):
                     ipr.link("del", index=index)
             shutil.rmtree(self.root / "ipam" / _cni_name(record), ignore_errors=True)
             shutil.rmtree(self._attachment_dir(record), ignore_errors=True)
@@ -236,12 +243,11 @@ class CniDriver(NetnsInterfaces, NetworkDriver):
     def _live_attachments(self, network: Network) -> dict[str, Attachment]:
         """The attachments whose host veth exists, by container id; the others are released."""
         live = {}
-        with host_route() as ipr:
-            for attachment in self._attachments(network):
-                if find_index(ipr, attachment.host_ifname) is not None:
-                    live[attachment.container_id] = attachment
-                else:
-                    self._release(network, attachment.container_id)
+        for attachment in self._attachments(network):
+            if find_index(attachment.host_ifname) is not None:
+                live[attachment.container_id] = attachment
+            else:
+                self._release(network, attachment.container_id)
         return live
 
     def _release(self, network: Network, container_id: str) -> None:

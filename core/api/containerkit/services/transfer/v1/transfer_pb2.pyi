@@ -145,12 +145,12 @@ class ConvertResponse(_message.Message):
     def __init__(self, image: _Optional[_Union[_images_pb2.Image, _Mapping]] = ...) -> None: ...
 
 class SignRequest(_message.Message):
-    __slots__ = ("name", "key")
+    __slots__ = ("name", "key_path")
     NAME_FIELD_NUMBER: _ClassVar[int]
-    KEY_FIELD_NUMBER: _ClassVar[int]
+    KEY_PATH_FIELD_NUMBER: _ClassVar[int]
     name: str
-    key: bytes
-    def __init__(self, name: _Optional[str] = ..., key: _Optional[bytes] = ...) -> None: ...
+    key_path: str
+    def __init__(self, name: _Optional[str] = ..., key_path: _Optional[str] = ...) -> None: ...
 
 class SignResponse(_message.Message):
     __slots__ = ("signature", "key_id")
@@ -161,12 +161,12 @@ class SignResponse(_message.Message):
     def __init__(self, signature: _Optional[_Union[_descriptor_pb2.Descriptor, _Mapping]] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("name", "public_keys")
+    __slots__ = ("name", "public_key_paths")
     NAME_FIELD_NUMBER: _ClassVar[int]
-    PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_PATHS_FIELD_NUMBER: _ClassVar[int]
     name: str
-    public_keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, name: _Optional[str] = ..., public_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    public_key_paths: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., public_key_paths: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Signature(_message.Message):
     __slots__ = ("key_id", "artifact")

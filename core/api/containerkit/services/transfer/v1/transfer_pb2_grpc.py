@@ -122,7 +122,7 @@ class TransferServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Sign(self, request, context):
-        """Sign attaches a signature over an image's manifest digest.
+        """Sign attaches a signature over an image's manifest digest (kept locally; Push sends it along).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
