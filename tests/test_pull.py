@@ -259,12 +259,12 @@ def test_a_layer_whose_diff_id_is_not_the_configs_commits_no_snapshot(env: Env) 
     assert env.others() == [] and not env.has(manifest["layers"][1]["digest"])
 
 
-def push_index(env: Env, name: str) -> tuple[str, dict[str, str]]:
-    """An index of a linux/amd64 and a linux/arm64 image pushed with skopeo --all; returns its reference
+def push_index(env: Env, name: str, archs: Sequence[str] = ("amd64", "arm64")) -> tuple[str, dict[str, str]]:
+    """An index of a linux image per architecture in ``archs`` pushed with skopeo --all; returns its reference
     and {platform: manifest digest}."""
-    layout = Layout(env.stack.tmp / "multi")
+    layout = Layout(env.stack.tmp / name.replace("/", "-"))
     manifests = {}
-    for arch in ("amd64", "arm64"):
+    for arch in archs:
         desc = layout.add_image(arch, [Layer().dirs("etc").file("etc/arch", arch.encode())])
         manifest = json.loads((layout.blobs / desc["digest"].split(":")[1]).read_text())
         config = json.loads((layout.blobs / manifest["config"]["digest"].split(":")[1]).read_text())
@@ -328,6 +328,17 @@ def test_a_refusing_verify_hook_leaves_no_image(env: Env) -> None:
     fetched = len(env.blob_gets())
     env.pull(ref)
     assert len(env.blob_gets()) == fetched
+
+
+def test_an_index_without_the_hosts_platform(env: Env) -> None:
+    ref, manifests = push_index(env, "pull/foreign", archs=("riscv64",))
+    with pytest.raises(NotFound, match="no manifest for platform"):
+        env.pull(ref)
+    with pytest.raises(NotFound):
+        env.images.get(NS, ref)
+    image, _ = env.pull(ref, platforms=[])  # all platforms: fetched, nothing to unpack for this host
+    assert env.has(manifests["linux/riscv64"]) and env.images.get(NS, ref) == image
+    assert env.committed() == set()
 
 
 def test_no_unpack_fetches_every_blob_and_makes_no_snapshot(env: Env) -> None:

@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # as in shim.py: the zygote imports neither typing nor subpro
     import subprocess
     from collections.abc import Sequence
 
+SPARES = 1
+"""Shims the zygote keeps forked, detached and set up, each waiting for a request."""
 TITLE_ROOM = 4096
 """Bytes of command line the zygote reserves for its shims (a shim's is ~300 + 4 x the state path)."""
 _MARK = "containerkit-shim-zygote"
@@ -59,7 +61,8 @@ def _argv_area() -> tuple[int, int]:
 
 
 def serve(fd: int) -> None:
-    """The zygote's loop on its end ``fd`` of the socket pair: fork a shim per request until end of file."""
+    """The zygote's loop on its end ``fd`` of the socket pair: keep :data:`SPARES` shims waiting for a
+    request until the daemon's end closes."""
     import ctypes
     import gc
 
@@ -72,32 +75,29 @@ def serve(fd: int) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the short-lived middle children
     gc.freeze()  # what is loaded now is never collected: the shims leave those pages shared
     control.send(f"ok {capacity}".encode())
+    events = select.poll()
+    events.register(control, select.POLLRDHUP)  # not POLLIN: the requests are the spares' to read
+    spares: set[int] = set()  # read ends of the pipes the spares hold: end of file once taken or dead
     while True:
-        try:
-            message, fds, _, _ = socket.recv_fds(control, 65536, 1)
-        except OSError:
-            return
-        if not message:
-            return
-        if len(fds) != 1:
-            for extra in fds:
-                os.close(extra)
-            continue
-        ready = fds[0]
-        try:
-            pid = os.fork()
-        except OSError as err:
-            os.write(ready, f"error: fork: {err}\n".encode())
+        while len(spares) < SPARES:
+            waiting, held = os.pipe()
+            if os.fork() == 0:
+                control.detach()  # the spare keeps the fd; this object must never close it
+                _spare(fd, held, (start, end), shim)
+            os.close(held)
+            spares.add(waiting)
+            events.register(waiting, select.POLLIN)
+        for ready, _ in events.poll():
+            if ready not in spares:
+                return  # the daemon's end closed
+            events.unregister(ready)
             os.close(ready)
-            continue
-        if pid == 0:
-            control.detach()  # the shim closes the fd: the object must not close a reused number later
-            _become_shim(json.loads(message), ready, (start, end), shim)
-        os.close(ready)
+            spares.discard(ready)
 
 
-def _become_shim(request: dict, ready: int, area: tuple[int, int], shim: object) -> None:
-    """In the zygote's child: detach (new session, second fork), clean up the process and run the shim."""
+def _spare(control: int, held: int, area: tuple[int, int], shim: object) -> None:
+    """In the zygote's child: detach (new session, second fork), drop what the zygote holds, set up the
+    process, then take one request from ``control`` (closing ``held`` tells the zygote) and serve it."""
     status = 1
     try:
         os.setsid()
@@ -105,17 +105,32 @@ def _become_shim(request: dict, ready: int, area: tuple[int, int], shim: object)
             os._exit(0)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDWR)
+        for target in (0, 1, 2):
+            os.dup2(null, target)
+        low, high = sorted((control, held))
+        os.closerange(3, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, os.sysconf("SC_OPEN_MAX"))
+        process = shim.prepare()  # type: ignore[attr-defined]
+        with socket.socket(fileno=control) as requests:
+            try:
+                message, fds, _, _ = socket.recv_fds(requests, 65536, 1)
+            except OSError:
+                message, fds = b"", []
+        os.close(held)
+        if not message or len(fds) != 1:
+            os._exit(0)  # the daemon's end closed
+        ready = fds[0]
+        os.set_inheritable(ready, False)
+        request = json.loads(message)
         os.umask(request["umask"])
-        null = os.open(os.devnull, os.O_RDONLY)
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        os.dup2(null, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
-        os.closerange(3, ready)
-        os.closerange(ready + 1, os.sysconf("SC_OPEN_MAX"))
-        os.set_inheritable(ready, False)
+        os.close(log)
         _set_title(request["title"], *area)
-        shim.serve_forked(request["argv"], ready)  # type: ignore[attr-defined]
+        shim.serve_forked(request["argv"], ready, process)  # type: ignore[attr-defined]
         status = 0
     except SystemExit as exit:
         status = exit.code if isinstance(exit.code, int) else 1
