@@ -13,7 +13,7 @@ The busybox image (tests/oci_images.py) is pushed with skopeo to Debian's docker
   until the last returns.
 - **100 tasks**: ``--tasks`` tasks running; the daemon's own VmRSS (its shims are other processes), the
   sum of the shims' VmRSS and Pss, and that Pss plus the Pss of containerkitd's shim fork server (the zygote
-  its shims are forked from and share pages with; containerd has none).
+  its shims are forked from and share pages with, and its one spare shim; containerd has none).
 
 Each phase removes its containers (tasks killed, deleted, containers and snapshots removed). Afterwards both
 daemons get SIGTERM by pid; any shim or container still naming their temp dirs is SIGKILLed by pid, their
@@ -29,7 +29,9 @@ containerd (ratio <= 1.0), a shim no larger than containerd-shim-runc-v2. Must r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -88,12 +90,19 @@ def shim_of(daemon: RunningDaemon, task: str) -> int:
 
 
 def helpers_of(daemon: RunningDaemon) -> list[int]:
-    """The daemon's long-lived helper processes that are not shims: containerkitd's shim fork server
-    (zygote), whose pages its shims share; none for containerd."""
-    children = [
+    """The daemon's long-lived helper processes that are not shims: containerkitd's shim fork server (zygote)
+    and the spare shim it keeps waiting (found by the socket they share), whose pages the shims share; none
+    for containerd."""
+    children = {
         pid for task in Path(f"/proc/{daemon.pid}/task").iterdir() for pid in (task / "children").read_text().split()
-    ]
-    return [int(pid) for pid in children if ZYGOTE_MARK in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    }
+    marked = {}
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and ZYGOTE_MARK in (entry / "cmdline").read_bytes():
+                marked[entry.name] = {os.readlink(fd) for fd in (entry / "fd").iterdir()}
+    sockets = {link for pid in children & marked.keys() for link in marked[pid] if link.startswith("socket:")}
+    return [int(pid) for pid, links in marked.items() if links & sockets]
 
 
 def run_rm(daemon: RunningDaemon, image: str, task: str) -> tuple[float, float]:

@@ -231,6 +231,17 @@ def test_a_failed_pull_keeps_its_lease_and_a_retry_resumes_the_ingest(env: Env) 
     assert [lease.id for lease in env.leases.list(NS)] == [lease.id]  # the failed pull's, expiring in a day
 
 
+def test_a_resumed_ingest_of_wrong_bytes_is_fetched_again_whole(env: Env) -> None:
+    ref, layout = env.serve([base_layer()], name="pull/badprefix")
+    manifest, _ = env.manifest(layout)
+    layer = manifest["layers"][0]
+    with env.content.writer(NS, INGEST_PREFIX + layer["digest"], layer["size"], layer["digest"]) as writer:
+        writer.write(b"\0" * (layer["size"] // 2))  # left by an earlier pull from a registry that lied
+    env.pull(ref)
+    assert [rng for digest, rng in env.blob_gets() if digest == layer["digest"]] == [f"bytes={layer['size'] // 2}-", ""]
+    assert env.committed() == set(chain_of(manifest, layout)) and env.content.list_statuses(NS) == []
+
+
 def test_bytes_that_do_not_match_the_digest_leave_nothing_behind(env: Env) -> None:
     ref, layout = env.serve([base_layer(), top_layer()], name="pull/corrupt")
     manifest, _ = env.manifest(layout)

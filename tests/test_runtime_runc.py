@@ -544,11 +544,23 @@ def proc_status(pid: int, key: str) -> str:
                 if line.startswith(f"{key}:"))  # fmt: skip
 
 
+def sharing(links: set[str]) -> list[int]:
+    """The processes holding any of the sockets among ``links`` (``socket:[inode]``)."""
+    sockets = {link for link in links if link.startswith("socket:")}
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and {os.readlink(fd) for fd in (entry / "fd").iterdir()} & sockets:
+                found.append(int(entry.name))
+    return found
+
+
 @needs_real
 def test_forked_shim_is_detached_and_found_by_its_bundle(harness: Harness) -> None:
     """A shim forked by the fork server is reparented away from the zygote and the daemon, in a session of
     its own that it does not lead, in its bundle, holds only its own fds and names its bundle and socket on
-    its command line; the zygote names no state directory and exits with the runtime."""
+    its command line; the zygote (and the spare shim it keeps) names no state directory and exits with the
+    runtime."""
     task = harness.create("forked", "sleep", "300")
     bundle = Path(task.bundle)
     shim = int((bundle / "shim.pid").read_text())
@@ -568,32 +580,38 @@ def test_forked_shim_is_detached_and_found_by_its_bundle(harness: Harness) -> No
     assert os.fsencode(bundle) in cmdline and os.fsencode(harness.runtime.socket_path("testns", "forked")) in cmdline
     assert running_shims(harness.state).keys() == {shim}
     assert str(harness.dir).encode() not in Path(f"/proc/{zygote}/cmdline").read_bytes()
+    spares = [pid for pid in sharing(zygote_fds) if pid != zygote]
+    assert len(spares) == 1 and spares[0] != shim  # the next shim waits, forked and set up
     task.kill(signal.SIGKILL)
     task.wait(timeout=10)
     task.delete()
     harness.assert_clean()
     harness.runtime.close()
     assert not alive(zygote)
+    deadline = time.monotonic() + 10
+    while alive(spares[0]) and time.monotonic() < deadline:
+        time.sleep(0.02)  # the spare leaves once the daemon's end of their socket is closed
+    assert not alive(spares[0])
 
 
 @needs_real
 def test_fork_server_restarts_and_spawning_stands_in(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A zygote killed is replaced at the next create; when the fork server cannot be used (or is off) the
-    shim is spawned as a new interpreter, and either way the task runs."""
+    """A zygote killed is replaced; when the fork server cannot be used (or is off) the shim is spawned as
+    a new interpreter, and either way the task runs."""
     fork_server = harness.runtime.fork_server
     first = harness.create("one", "true")
     first.delete()
     killed = fork_server.pid
     os.kill(killed, signal.SIGKILL)
-    second = harness.create("two", "true")
+    for id in ("two", "three"):  # the spare it left may serve one more; then there is a new zygote
+        harness.create(id, "true").delete()
     assert fork_server.pid not in (0, killed)
-    second.delete()
 
     def unusable(*args: Any) -> int:
         raise Unusable("off for the test")
 
     monkeypatch.setattr(fork_server, "spawn", unusable)
-    spawned = harness.create("three", "sh", "-c", "exit 4")
+    spawned = harness.create("spawned", "sh", "-c", "exit 4")
     shim = int((Path(spawned.bundle) / "shim.pid").read_text())
     assert b"\0-c\0" in Path(f"/proc/{shim}/cmdline").read_bytes()
     spawned.start()

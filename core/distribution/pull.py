@@ -284,8 +284,7 @@ class _Pull:
         _unlocked(
             lambda: write_blob(self.content, self.namespace, data, desc.media_type, lease=self.lease, labels=labels)
         )
-        kind = _kind(desc.media_type)
-        self.report(blob_ref(kind, str(desc.digest)), kind, str(desc.digest), "done", desc.size, desc.size)
+        self._done(desc, "done")
 
     def _unpack(self, manifests: list[Descriptor], source: LayerSource | None) -> None:
         """Unpack the image of each of ``manifests`` under the pull's lease, its layers from ``source``."""
@@ -338,10 +337,20 @@ class _Pull:
             self._fill(writer, desc, labels)
 
     def _fill(self, writer: Writer, desc: Descriptor, labels: Mapping[str, str]) -> None:
-        """Fetch the rest of ``desc`` into ``writer``, verify and commit it, close the writer."""
-        with writer:
-            _Download(self, desc, writer).finish()
-            self._commit(writer, desc, labels)
+        """Fetch the rest of ``desc`` into ``writer``, verify and commit it, close the writer. An ingest
+        resumed from an earlier attempt whose bytes turn out not to be the blob is fetched once more, whole."""
+        resumed = writer.offset
+        try:
+            with writer:
+                _Download(self, desc, writer).finish()
+                self._commit(writer, desc, labels)
+        except _Mismatch as err:
+            if not resumed:
+                raise
+            log.info("%s; the %d bytes resumed were not the blob's: fetching it again", err, resumed)
+            writer = self._writer(desc, labels)
+            if writer is not None:
+                self._fill(writer, desc, labels)
 
     @contextmanager
     def _layer_source(self, desc: Descriptor) -> Iterator[Iterable[bytes]]:
@@ -396,22 +405,22 @@ class _Pull:
             return None
 
     def _label(self, desc: Descriptor, labels: Mapping[str, str]) -> None:
+        """Set ``labels`` on blob ``desc``, which the namespace has."""
         self.content.update(self.namespace, Info(desc.digest, labels=labels), [f"labels.{key}" for key in labels])
         self.settled.add(desc.digest)
-        self.report(blob_ref(_kind(desc.media_type), str(desc.digest)), _kind(desc.media_type), str(desc.digest),
-                    "exists", desc.size, desc.size)  # fmt: skip
+        self._done(desc, "exists")
 
     def _check(self, writer: Writer, desc: Descriptor) -> None:
-        """Abort the ingest and raise FailedPrecondition unless it holds exactly the blob ``desc``."""
+        """Abort the ingest and raise :class:`_Mismatch` unless it holds exactly the blob ``desc``."""
         digest = writer.digest()
         if digest.algorithm != desc.digest.algorithm:
             return  # the commit checks it in the descriptor's algorithm
         try:
             _verify(desc, digest, writer.offset, f"{_kind(desc.media_type)} {desc.digest}")
-        except FailedPrecondition:
+        except FailedPrecondition as err:
             writer.close()
             self.content.abort(self.namespace, writer.ref)
-            raise
+            raise _Mismatch(str(err)) from None
 
     def _commit(self, writer: Writer, desc: Descriptor, labels: Mapping[str, str]) -> None:
         """Verify and commit the ingest with ``labels`` (set on the blob if the namespace has it meanwhile)."""
@@ -422,12 +431,22 @@ class _Pull:
             self._label(desc, labels)
             return
         self.settled.add(desc.digest)
-        kind = _kind(desc.media_type)
-        self.report(blob_ref(kind, str(desc.digest)), kind, str(desc.digest), "done", desc.size, desc.size)
+        self._done(desc, "done")
 
-    def report(self, ref: str, kind: str, digest: str, state: str, offset: int = 0, total: int = 0,
-               message: str = "") -> None:  # fmt: skip
+    def _done(self, desc: Descriptor, state: str) -> None:
+        """Report the last event of blob ``desc``: ``state`` with every byte done."""
+        kind = _kind(desc.media_type)
+        self.report(blob_ref(kind, str(desc.digest)), kind, str(desc.digest), state, desc.size, desc.size)
+
+    def report(
+        self, ref: str, kind: str, digest: str, state: str, offset: int = 0, total: int = 0, message: str = ""
+    ) -> None:
+        """Hand one :class:`Progress` event to the pull's progress function."""
         self.progress(Progress(ref, kind, digest, state, offset, total, message))
+
+
+class _Mismatch(FailedPrecondition):
+    """An ingest that does not hold the blob it was written for (it has been aborted)."""
 
 
 class _Download:

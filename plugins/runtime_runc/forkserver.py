@@ -8,13 +8,17 @@ shim's directory on ``sys.path``), the daemon imports it as ``plugins.runtime_ru
 Protocol, over a ``SOCK_SEQPACKET`` socket pair (the zygote's end is the fd its command line names): the
 zygote first sends ``ok CAPACITY`` (the bytes of command line its shims can show); then each request is
 one message, the JSON ``{"argv": shim arguments, "title": command line, "log": output file, "umask": the
-daemon's}`` with the write end of a pipe attached. The zygote forks; the child starts a new session and
-forks again, so the shim is reparented away from the zygote and the daemon (to init or the nearest
-subreaper). The shim closes every other descriptor, resets its signal mask and handlers, takes the
-daemon's umask, shows ``title`` as its ``/proc/PID/cmdline`` (written over the zygote's padded one, so it
-is found by its bundle as a spawned shim is) and runs :func:`shim.serve_forked`, which writes its pid and
-a newline to the pipe once its socket listens; the pipe closes without a line if it fails first. The
-zygote exits when the daemon's end closes (the daemon stopped or died).
+daemon's}`` with the write end of a pipe attached.
+
+The zygote keeps a spare shim waiting for the next request, so none waits for a fork: it forks, the
+child starts a new session and forks again (the spare is reparented away from the zygote and the daemon,
+to init or the nearest subreaper), closes every other descriptor, resets its signal mask and handlers
+and sets itself up (:func:`shim.prepare`), then blocks reading the zygote's end of the socket. The
+request goes to the spare, which tells the zygote (a new spare is forked), takes the daemon's umask,
+shows ``title`` as its ``/proc/PID/cmdline`` (written over the zygote's padded one, so it is found by
+its bundle as a spawned shim is) and runs :func:`shim.serve_forked`, which writes its pid and a newline
+to the pipe once its socket listens; the pipe closes without a line if it fails first. The zygote and
+its spare exit when the daemon's end closes (the daemon stopped or died).
 """
 
 from __future__ import annotations
