@@ -184,3 +184,21 @@ def containerkitd() -> Iterator[RunningDaemon]:
         daemon.stop()
         _daemons.unmount_under(daemon.dir)
         daemon.cleanup()
+
+
+@pytest.fixture
+def robustness() -> Any:
+    """The run's robustness tally (tests/robustness.py): ``robustness.record(category, tried, contained)``."""
+    from robustness import TALLY
+
+    return TALLY
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the robustness tally (faults, hostile inputs, soak operations, leaks) at the end of the run."""
+    from robustness import TALLY
+
+    if any(TALLY.tried.values()):
+        terminalreporter.section("robustness")
+        for line in TALLY.lines():
+            terminalreporter.write_line(line)
