@@ -27,10 +27,26 @@ class ConfigError(Exception):
 
 @dataclass
 class GrpcConfig:
-    """The ``[grpc]`` table: where the API socket lives and who may use it."""
+    """The ``[grpc]`` table: where the API socket lives, who may use it, and how much one client may hold.
+
+    ``max_workers`` threads serve calls (a call holds one until it ends, streams included); one connection
+    may have at most ``max_concurrent_streams`` calls open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS:
+    the client queues the rest), so a client that stalls its streams cannot hold every worker.
+    """
 
     address: str = DEFAULT_ADDRESS
     gid: int = 0
+    max_workers: int = 128
+    max_concurrent_streams: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_workers < 1:
+            raise ConfigError(f"max_workers must be at least 1, got {self.max_workers}")
+        if not 1 <= self.max_concurrent_streams < self.max_workers:
+            raise ConfigError(
+                f"max_concurrent_streams must be at least 1 and less than max_workers ({self.max_workers}), "
+                f"got {self.max_concurrent_streams}"
+            )
 
 
 @dataclass

@@ -10,15 +10,16 @@ zygote first sends ``ok CAPACITY`` (the bytes of command line its shims can show
 one message, the JSON ``{"argv": shim arguments, "title": command line, "log": output file, "umask": the
 daemon's}`` with the write end of a pipe attached.
 
-The zygote keeps a spare shim waiting for the next request, so none waits for a fork: it forks, the
-child starts a new session and forks again (the spare is reparented away from the zygote and the daemon,
-to init or the nearest subreaper), closes every other descriptor, resets its signal mask and handlers
-and sets itself up (:func:`shim.prepare`), then blocks reading the zygote's end of the socket. The
-request goes to the spare, which tells the zygote (a new spare is forked), takes the daemon's umask,
-shows ``title`` as its ``/proc/PID/cmdline`` (written over the zygote's padded one, so it is found by
-its bundle as a spawned shim is) and runs :func:`shim.serve_forked`, which writes its pid and a newline
-to the pipe once its socket listens; the pipe closes without a line if it fails first. The zygote and
-its spare exit when the daemon's end closes (the daemon stopped or died).
+The zygote keeps one spare shim forked ahead of the next request, so no task waits for the fork and
+the set-up: the child starts a new session and forks again (the spare is reparented away from the zygote
+and the daemon, to init or the nearest subreaper), closes every other descriptor, resets its signal mask
+and handlers and sets itself up (:func:`shim.prepare`), then waits on a socket pair of its own. The
+zygote passes it the next request and forks the next spare at once (in a burst, requests so go to spares
+still setting up, in parallel). The spare takes the daemon's umask, shows ``title`` as its
+``/proc/PID/cmdline`` (written over the zygote's padded one, so it is found by its bundle as a spawned
+shim is) and runs :func:`shim.serve_forked`, which writes its pid and a newline to the pipe once its
+socket listens; the pipe closes without a line if it fails first. The zygote exits when the daemon's
+end closes (the daemon stopped or died), and its spare with it.
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ if TYPE_CHECKING:  # as in shim.py: the zygote imports neither typing nor subpro
     import subprocess
     from collections.abc import Sequence
 
-SPARES = 1
-"""Shims the zygote keeps forked, detached and set up, each waiting for a request."""
 TITLE_ROOM = 4096
 """Bytes of command line the zygote reserves for its shims (a shim's is ~300 + 4 x the state path)."""
 _MARK = "containerkit-shim-zygote"
@@ -65,8 +64,8 @@ def _argv_area() -> tuple[int, int]:
 
 
 def serve(fd: int) -> None:
-    """The zygote's loop on its end ``fd`` of the socket pair: keep :data:`SPARES` shims waiting for a
-    request until the daemon's end closes."""
+    """The zygote's loop on its end ``fd`` of the socket pair: hand each request to the spare shim and fork
+    the next spare, until the daemon's end closes."""
     import ctypes
     import gc
 
@@ -79,29 +78,42 @@ def serve(fd: int) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the short-lived middle children
     gc.freeze()  # what is loaded now is never collected: the shims leave those pages shared
     control.send(f"ok {capacity}".encode())
-    events = select.poll()
-    events.register(control, select.POLLRDHUP)  # not POLLIN: the requests are the spares' to read
-    spares: set[int] = set()  # read ends of the pipes the spares hold: end of file once taken or dead
+    spare = _fork_spare(control, (start, end), shim)
     while True:
-        while len(spares) < SPARES:
-            waiting, held = os.pipe()
-            if os.fork() == 0:
-                control.detach()  # the spare keeps the fd; this object must never close it
-                _spare(fd, held, (start, end), shim)
-            os.close(held)
-            spares.add(waiting)
-            events.register(waiting, select.POLLIN)
-        for ready, _ in events.poll():
-            if ready not in spares:
-                return  # the daemon's end closed
-            events.unregister(ready)
-            os.close(ready)
-            spares.discard(ready)
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 65536, 1)
+        except OSError:
+            return
+        if not message:
+            return  # the daemon's end closed
+        for _ in range(2):  # a spare that died is replaced once
+            try:
+                socket.send_fds(spare, [message], fds)
+                sent = True
+            except OSError:
+                sent = False
+            spare.close()
+            spare = _fork_spare(control, (start, end), shim)
+            if sent:
+                break
+        for passed in fds:
+            os.close(passed)
 
 
-def _spare(control: int, held: int, area: tuple[int, int], shim: object) -> None:
-    """In the zygote's child: detach (new session, second fork), drop what the zygote holds, set up the
-    process, then take one request from ``control`` (closing ``held`` tells the zygote) and serve it."""
+def _fork_spare(control: socket.socket, area: tuple[int, int], shim: object) -> socket.socket:
+    """Fork the next spare shim; return the zygote's end of the socket pair it takes its request from."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if os.fork() == 0:
+        control.detach()  # the spare closes these fds: their objects must never close a reused number
+        ours.detach()
+        _spare(theirs.detach(), area, shim)
+    theirs.close()
+    return ours
+
+
+def _spare(channel: int, area: tuple[int, int], shim: object) -> None:
+    """In the zygote's child: detach (new session, second fork), drop what the zygote holds and set up the
+    process while no task waits; then take one request from ``channel`` and serve it."""
     status = 1
     try:
         os.setsid()
@@ -112,19 +124,16 @@ def _spare(control: int, held: int, area: tuple[int, int], shim: object) -> None
         null = os.open(os.devnull, os.O_RDWR)
         for target in (0, 1, 2):
             os.dup2(null, target)
-        low, high = sorted((control, held))
-        os.closerange(3, low)
-        os.closerange(low + 1, high)
-        os.closerange(high + 1, os.sysconf("SC_OPEN_MAX"))
+        os.closerange(3, channel)
+        os.closerange(channel + 1, os.sysconf("SC_OPEN_MAX"))
         process = shim.prepare()  # type: ignore[attr-defined]
-        with socket.socket(fileno=control) as requests:
+        with socket.socket(fileno=channel) as requests:
             try:
                 message, fds, _, _ = socket.recv_fds(requests, 65536, 1)
             except OSError:
                 message, fds = b"", []
-        os.close(held)
         if not message or len(fds) != 1:
-            os._exit(0)  # the daemon's end closed
+            os._exit(0)  # the zygote has gone
         ready = fds[0]
         os.set_inheritable(ready, False)
         request = json.loads(message)
