@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -72,6 +71,7 @@ NAMESPACE = "bench"
 PREFIX = {"containerkit": "ck", "containerd": "cd"}  # ids differ per daemon: one cgroup path per container
 TARGET_RATIO = 1.0
 ZYGOTE_MARK = b"containerkit-shim-zygote"
+SPARE_MARK = b"containerkit-shim-spare"
 
 
 def pss_kb(pid: int) -> int:
@@ -90,19 +90,20 @@ def shim_of(daemon: RunningDaemon, task: str) -> int:
 
 
 def helpers_of(daemon: RunningDaemon) -> list[int]:
-    """The daemon's long-lived helper processes that are not shims: containerkitd's shim fork server (zygote)
-    and the spare shim it keeps waiting (found by the socket they share), whose pages the shims share; none
-    for containerd."""
-    children = {
+    """The daemon's long-lived helper processes that are not shims: containerkitd's shim fork server (zygote),
+    a child of the daemon, and the spare shim it keeps forked (``containerkit-shim-spare ZYGOTE_PID``), whose
+    pages the shims share; none for containerd."""
+    children = [
         pid for task in Path(f"/proc/{daemon.pid}/task").iterdir() for pid in (task / "children").read_text().split()
-    }
-    marked = {}
+    ]
+    zygotes = [pid for pid in children if ZYGOTE_MARK in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    spares = []
     for entry in Path("/proc").iterdir():
         with contextlib.suppress(OSError):
-            if entry.name.isdigit() and ZYGOTE_MARK in (entry / "cmdline").read_bytes():
-                marked[entry.name] = {os.readlink(fd) for fd in (entry / "fd").iterdir()}
-    sockets = {link for pid in children & marked.keys() for link in marked[pid] if link.startswith("socket:")}
-    return [int(pid) for pid, links in marked.items() if links & sockets]
+            words = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+            if words[:1] == [SPARE_MARK] and words[1].decode() in zygotes:
+                spares.append(entry.name)
+    return [int(pid) for pid in zygotes + spares]
 
 
 def run_rm(daemon: RunningDaemon, image: str, task: str) -> tuple[float, float]:

@@ -17,7 +17,6 @@ import sqlite3
 import stat
 import sys
 import threading
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ log = logging.getLogger("containerkit.daemon")
 
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 SHUTDOWN_GRACE_SECONDS = 10.0
-WORKER_THREADS = 64
 
 
 class StartupError(Exception):
@@ -126,18 +124,9 @@ class Daemon:
         raise StartupError(f"socket {self.address} is served by another process; stop it or use another --address")
 
     def _serve(self, records: dict[str, Any]) -> None:
-        import grpc
+        from core.server import new_server
 
-        from core.server import MAX_MESSAGE_SIZE, ErrorMapping
-
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="grpc"),
-            interceptors=[ErrorMapping()],
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
-                ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
-            ],
-        )
+        server = new_server(self.config.grpc)
         for record in records.values():
             if record.type == "service" and record.status is Status.OK:
                 try:

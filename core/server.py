@@ -11,12 +11,16 @@ import errno
 import logging
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from concurrent import futures
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
 from core import identifiers
 from core.errors import ContainerkitError, FailedPrecondition
+
+if TYPE_CHECKING:
+    from core.config import GrpcConfig
 
 log = logging.getLogger("containerkit.grpc")
 
@@ -35,6 +39,24 @@ class GrpcService(Protocol):
 
     def register(self, server: grpc.Server) -> None:
         """Add this service's servicers to ``server`` (called once, before the server starts)."""
+
+
+def new_server(config: GrpcConfig) -> grpc.Server:
+    """The daemon's gRPC server, limited as ``config`` says: ``max_workers`` threads serve calls, and one
+    connection may have at most ``max_concurrent_streams`` calls open (its client queues the rest), so no
+    single client, however many calls it stalls, holds every worker."""
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
+        interceptors=[ErrorMapping()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
+            ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
+            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+            # Count a stream against the limit while it is open, as HTTP/2 does, not until its call is freed:
+            # otherwise a client that cancels a call and starts the next one it queued gets REFUSED_STREAM.
+            ("grpc.http.overload_protection", 0),
+        ],
+    )
 
 
 def metadata_value(context: grpc.ServicerContext, key: str) -> str | None:

@@ -37,6 +37,7 @@ from datetime import UTC, datetime, timedelta
 
 from core import oci
 from core.content import Info as BlobInfo
+from core.crashpoints import crashpoint
 from core.diff import LABEL_UNCOMPRESSED, Differ
 from core.digest import Digest
 from core.errors import AlreadyExists, ContainerkitError, InvalidArgument, NotFound
@@ -159,6 +160,7 @@ class Unpacker:
                     self._commit(namespace, snapshotter, layer, key, held)
             top = layers[-1].chain_id
             label = f"{LABEL_GC_REF_SNAPSHOT}{snapshotter}"
+            crashpoint("unpack.before-gc-label")
             self._content.update(
                 namespace, BlobInfo(image.manifest.config.digest, labels={label: top}), [f"labels.{label}"]
             )
@@ -227,6 +229,7 @@ class Unpacker:
         except BaseException:
             self._discard(namespace, snapshotter, key, lease)
             raise
+        crashpoint("unpack.layer.applied")
         return key
 
     def _commit(

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from core import identifiers
+from core.crashpoints import crashpoint
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from core.labels import validate_labels
 from core.metadata.containers import ContainerStore
@@ -246,6 +247,7 @@ class VolumeStore:
             self._root.mkdir(mode=0o700, parents=True, exist_ok=True)  # volumes are for root's eyes only
             (directory / DATA_DIR).mkdir(parents=True)
             (directory / DATA_DIR).chmod(0o755)  # exactly, whatever the umask: what the container sees
+            crashpoint("volumes.create")
         return Volume(name, directory / DATA_DIR, labels, DRIVER, from_ns(now)), True
 
     def _directory(self, namespace: str, name: str) -> Path:

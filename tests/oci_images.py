@@ -196,10 +196,12 @@ class Layout:
         *,
         diff_ids: Sequence[str] | None = None,
         config: Mapping[str, Any] | None = None,
+        annotations: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """Write an image (linux/amd64) of ``layers`` tagged ``tag``; returns the manifest's descriptor.
 
-        ``diff_ids`` overrides the config's list (a lie about the layers); ``config`` the runtime config.
+        ``diff_ids`` overrides the config's list (a lie about the layers); ``config`` the runtime config;
+        ``annotations`` go into the manifest.
         """
         descriptors, real_diff_ids = [], []
         for layer in layers:
@@ -218,6 +220,7 @@ class Layout:
             "mediaType": MT_MANIFEST,
             "config": self.blob(json.dumps(image_config).encode(), MT_CONFIG),
             "layers": descriptors,
+            **({"annotations": dict(annotations)} if annotations else {}),
         }
         descriptor = self.blob(json.dumps(manifest).encode(), MT_MANIFEST)
         self.manifests = [m for m in self.manifests if m["annotations"]["org.opencontainers.image.ref.name"] != tag]

@@ -124,7 +124,7 @@ def test_text_that_is_not_utf8_is_a_config_error(tmp_path: Path):
     ("text", "expected"),
     [
         ("bogus = 1", "unknown key 'bogus' (known keys: debug, disabled_plugins, grpc, plugins, required_plugins"),
-        ("[grpc]\nadress = 'x'", "unknown key 'grpc.adress' (known keys: address, gid)"),
+        ("[grpc]\nadress = 'x'", "unknown key 'grpc.adress' (known keys: address, gid, max_concurrent_streams"),
         ("[debug]\nlevle = 'info'", "unknown key 'debug.levle' (known keys: level)"),
     ],
     ids=["top-level", "grpc", "debug"],

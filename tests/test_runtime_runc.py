@@ -32,7 +32,7 @@ from core.runtime import UNKNOWN_EXIT_STATUS, CreateTaskRequest, Stdio, TaskStat
 from core.types import Mount
 from plugins.runtime_runc import RuncConfig, RuncRuntime, init
 from plugins.runtime_runc.client import ShimClient, ShimError, ShimGone, Watcher, spawn_shim
-from plugins.runtime_runc.forkserver import Unusable
+from plugins.runtime_runc.forkserver import SPARE_MARK, Unusable
 from plugins.runtime_runc.runtime import SHIM, metrics_from_runc
 
 # -- the client against a fake shim ---------------------------------------------------------------------
@@ -544,15 +544,20 @@ def proc_status(pid: int, key: str) -> str:
                 if line.startswith(f"{key}:"))  # fmt: skip
 
 
-def sharing(links: set[str]) -> list[int]:
-    """The processes holding any of the sockets among ``links`` (``socket:[inode]``)."""
-    sockets = {link for link in links if link.startswith("socket:")}
-    found = []
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            if entry.name.isdigit() and {os.readlink(fd) for fd in (entry / "fd").iterdir()} & sockets:
-                found.append(int(entry.name))
-    return found
+def spares_of(zygote: int, timeout: float = 10.0) -> list[int]:
+    """The spare shims the zygote ``zygote`` has forked (their command line: the spare mark and its pid),
+    waiting up to ``timeout`` for one that is still being forked."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = []
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                words = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+                if words[:2] == [SPARE_MARK.encode(), str(zygote).encode()] and alive(int(entry.name)):
+                    found.append(int(entry.name))
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
 
 
 @needs_real
@@ -580,7 +585,7 @@ def test_forked_shim_is_detached_and_found_by_its_bundle(harness: Harness) -> No
     assert os.fsencode(bundle) in cmdline and os.fsencode(harness.runtime.socket_path("testns", "forked")) in cmdline
     assert running_shims(harness.state).keys() == {shim}
     assert str(harness.dir).encode() not in Path(f"/proc/{zygote}/cmdline").read_bytes()
-    spares = [pid for pid in sharing(zygote_fds) if pid != zygote]
+    spares = spares_of(zygote)
     assert len(spares) == 1 and spares[0] != shim  # the next shim waits, forked and set up
     task.kill(signal.SIGKILL)
     task.wait(timeout=10)
@@ -596,8 +601,8 @@ def test_forked_shim_is_detached_and_found_by_its_bundle(harness: Harness) -> No
 
 @needs_real
 def test_fork_server_restarts_and_spawning_stands_in(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A zygote killed is replaced; when the fork server cannot be used (or is off) the shim is spawned as
-    a new interpreter, and either way the task runs."""
+    """A zygote or spare shim killed is replaced; when the fork server cannot be used (or is off) the shim is
+    spawned as a new interpreter, and either way the task runs."""
     fork_server = harness.runtime.fork_server
     first = harness.create("one", "true")
     first.delete()
@@ -606,6 +611,9 @@ def test_fork_server_restarts_and_spawning_stands_in(harness: Harness, monkeypat
     for id in ("two", "three"):  # the spare it left may serve one more; then there is a new zygote
         harness.create(id, "true").delete()
     assert fork_server.pid not in (0, killed)
+    [spare] = spares_of(fork_server.pid)
+    os.kill(spare, signal.SIGKILL)
+    harness.create("four", "true").delete()  # a dead spare is replaced
 
     def unusable(*args: Any) -> int:
         raise Unusable("off for the test")
@@ -619,7 +627,7 @@ def test_fork_server_restarts_and_spawning_stands_in(harness: Harness, monkeypat
     spawned.delete()
     without = harness.open(fork_server=False)
     assert without.fork_server is None
-    task = harness.create("four", "sh", "-c", "exit 5", runtime=without)
+    task = harness.create("unforked", "sh", "-c", "exit 5", runtime=without)
     task.start()
     assert task.wait(timeout=10).exit_status == 5
     task.delete()

@@ -150,8 +150,13 @@ def _add_platform_argument(parser: argparse.ArgumentParser) -> None:
 def _add_registry_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plain-http", action="store_true", help="talk plain HTTP to the registry")
     parser.add_argument(
-        "--user", "-u", default="", metavar="USER[:PASS]", help="credentials (default: those ckctl login stored)"
+        "--user",
+        "-u",
+        default="",
+        metavar="USER[:PASS]",
+        help="credentials (default: those ckctl login stored); a PASS here is visible to ps until ckctl starts up",
     )
+    parser.add_argument("--password-stdin", action="store_true", help="read the --user's password from stdin")
 
 
 def _add_platforms_argument(parser: argparse.ArgumentParser) -> None:
@@ -370,14 +375,19 @@ def transfer_stub(client: Client) -> Any:
     return transfer_pb2_grpc.TransferStub(client.channel)
 
 
-def registry_credentials(user: str, ref: str) -> tuple[str, str]:
-    """``--user USER[:PASS]`` when given, else what ``ckctl login`` stored for REF's registry."""
+def registry_credentials(args: argparse.Namespace) -> tuple[str, str]:
+    """``--user USER[:PASS]`` (``--password-stdin``) when given, else what ``ckctl login`` stored for the
+    registry of ``args.ref``."""
     from core.distribution.reference import Reference
 
-    if user:
-        return user_credentials(user)
+    if args.password_stdin and ":" in args.user:
+        raise CliError("--password-stdin and --user USER:PASS are exclusive: give --user USER")
+    if args.user:
+        return user_credentials(args.user, args.password_stdin)
+    if args.password_stdin:
+        raise CliError("--password-stdin needs --user USER")
     with local_errors():
-        domain = Reference.parse(ref).domain
+        domain = Reference.parse(args.ref).domain
     return stored_credentials(domain)
 
 
@@ -399,7 +409,7 @@ def follow_progress(client: Client, events: Iterator[Any]) -> Any:
 def pull_image(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerkit.services.transfer.v1 import transfer_pb2 as pb
 
-    username, password = registry_credentials(args.user, args.ref)
+    username, password = registry_credentials(args)
     request = pb.PullRequest(
         ref=args.ref,
         platforms=["all"] if args.all_platforms else args.platform,
@@ -419,7 +429,7 @@ def pull_image(client: Client, args: argparse.Namespace) -> int:
 def push_image(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerkit.services.transfer.v1 import transfer_pb2 as pb
 
-    username, password = registry_credentials(args.user, args.ref)
+    username, password = registry_credentials(args)
     request = pb.PushRequest(
         ref=args.ref,
         local_name=args.local_ref,

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import getpass
+import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from core.cli.client import Client, CliError
@@ -37,12 +40,36 @@ def local_errors() -> Iterator[None]:
         raise CliError(str(err)) from None
 
 
-def user_credentials(user: str) -> tuple[str, str]:
-    """``USER[:PASS]`` as (user, password); without ``:PASS`` the password is prompted for on a terminal."""
+def user_credentials(user: str, password_stdin: bool = False) -> tuple[str, str]:
+    """``USER[:PASS]`` as (user, password). A ``:PASS`` is hidden from ``ps`` at once (:func:`hide_from_ps`);
+    without it the password is read from stdin (``password_stdin``) or prompted for on a terminal."""
     name, sep, password = user.partition(":")
     if not name:
         raise CliError(f"--user {user!r} has no user name: use USER[:PASS]")
-    return name, password if sep else prompt_password(f"Password for {name}: ")
+    if sep:
+        hide_from_ps(password)
+        return name, password
+    if password_stdin:
+        return name, sys.stdin.readline().rstrip("\r\n")
+    return name, prompt_password(f"Password for {name}: ")
+
+
+def hide_from_ps(password: str) -> None:
+    """Overwrite ``password`` with ``*`` in this process's command line, where ``ps`` and /proc/PID/cmdline read
+    it: every argument ending in ``:PASSWORD`` (``--user USER:PASS``). Until this runs, ckctl's start-up, the
+    password is visible to local users: ``--password-stdin`` never shows it."""
+    try:
+        # proc(5) fields 48 and 49 (arg_start, arg_end); the split drops "pid (comm" whatever comm holds.
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])
+    except (OSError, IndexError, ValueError):
+        return
+    secret = b":" + os.fsencode(password) + b"\0"
+    arguments = ctypes.string_at(start, end - start)
+    found = arguments.find(secret)
+    while password and found >= 0:
+        ctypes.memset(start + found + 1, ord("*"), len(secret) - 2)
+        found = arguments.find(secret, found + len(secret))
 
 
 def prompt_password(prompt: str) -> str:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from core import oci
 from core.content import Info, Writer
+from core.crashpoints import crashpoint
 from core.diff.apply import hand_over
 from core.digest import Digest
 from core.distribution.blobs import gc_labels, write_blob
@@ -210,6 +211,7 @@ class _Pull:
         target = Descriptor(root.media_type, root.digest, root.size, root.annotations)
         if self.options.verify is not None:
             self.options.verify(self.ref, target)
+        crashpoint("pull.before-image-create")
         image = self._record(Image(name, target, self.options.labels))
         self.report(name, "image", str(root.digest), "done", root.size, root.size)
         return image

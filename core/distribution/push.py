@@ -155,8 +155,9 @@ class Pusher:
     def _send_blobs(
         self, namespace: str, ref: Reference, client: RegistryClient, plan: _Plan, report: ProgressFn, chunk_size: int
     ) -> None:
-        """Every blob of ``plan`` into the registry, ``workers`` at once; the first failure stops the rest."""
-        blobs = list(plan.blobs.values())
+        """Every blob of ``plan`` into the registry, ``workers`` at once, largest first (so that no big one starts
+        last and runs alone); the first failure stops the rest."""
+        blobs = sorted(plan.blobs.values(), key=lambda item: item[1].size, reverse=True)
         for kind, desc in blobs:
             report(Progress(blob_ref(kind, desc.digest), kind, desc.digest, "waiting", 0, desc.size))
         with ThreadPoolExecutor(min(self._workers, max(len(blobs), 1)), thread_name_prefix="push") as pool:

@@ -19,6 +19,7 @@ logged nor put into an error message.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import re
@@ -426,7 +427,8 @@ class RegistryClient:
         with self._lock:
             pool = self._pools.get(key)
             if pool is None:
-                context = ssl.create_default_context()
+                shared = not (config.ca_file or config.skip_verify)
+                context = _system_tls_context() if shared else ssl.create_default_context()
                 if config.ca_file:
                     try:
                         context.load_verify_locations(config.ca_file)
@@ -588,6 +590,14 @@ class RegistryClient:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+
+@functools.cache
+def _system_tls_context() -> ssl.SSLContext:
+    """The verifying TLS context with the system CAs, shared by every client of the process: loading the CAs
+    costs 50-200 ms, which each pull or push would otherwise pay before its first request (Go caches its
+    system pool the same way). urllib3 only sets the fields it was built with on it again."""
+    return ssl.create_default_context()
 
 
 def _scopes(ref: Reference, actions: str) -> tuple[str, ...]:

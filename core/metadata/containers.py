@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from core.crashpoints import crashpoint
 from core.errors import AlreadyExists, InvalidArgument, NotFound
 from core.gc import Resource
 from core.identifiers import validate
@@ -215,6 +216,7 @@ class ContainerStore:
                 raise AlreadyExists(f'container "{container.id}": already exists')
             stored = _stored(container, from_ns(now), now)
             _write(conn, namespace, stored, now, insert=True)
+            crashpoint("containers.create.before-commit")
         return stored
 
     def update(self, namespace: str, container: Container, fieldpaths: Sequence[str] = ()) -> Container:

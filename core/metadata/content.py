@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from core.content import ContentStore, Info, ReaderAt, Status, Writer
+from core.crashpoints import crashpoint
 from core.digest import Digest
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from core.gc import Resource
@@ -557,6 +558,7 @@ class _NamespacedWriter(Writer):
         with gc_lock:
             with suppress(AlreadyExists):  # the backend has these bytes already: only a record to add
                 actual = inner.commit(offset, expected)
+            crashpoint("content.commit.after-rename")
             self._owner._record_commit(self, actual, offset, checked)
         return actual
 

@@ -1,8 +1,8 @@
 """grpc.health.v1.Health: SERVING while the daemon runs; NOT_SERVING once it begins to stop, which
 also ends every Watch stream so none holds up the shutdown.
 
-The overall server is the empty service name; any other name is unknown (NOT_FOUND for Check,
-SERVICE_UNKNOWN for Watch), as the gRPC health protocol prescribes.
+The overall server is the empty service name (the only one List shows); any other name is unknown (NOT_FOUND
+for Check, SERVICE_UNKNOWN for Watch), as the gRPC health protocol prescribes.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ class HealthService:
                 if request.service:
                     context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
                 return response(status=response.SERVING if service._serving else response.NOT_SERVING)
+
+            def List(self, request: Any, context: grpc.ServicerContext) -> Any:
+                """The one service known here: the overall server (the empty name)."""
+                return health_pb2.HealthListResponse(statuses={"": self.Check(health_pb2.HealthCheckRequest(), context)})
 
             def Watch(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 if request.service:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from core.crashpoints import crashpoint
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from core.hookspecs import hookimpl
 from core.identifiers import validate
@@ -219,6 +220,7 @@ class NetworksService:
         taken = {a.ifname for a in attached}
         ifname = ifname or next(f"eth{n}" for n in range(len(taken) + 1) if f"eth{n}" not in taken)
         attachment = driver.attach(record.network, container_id, netns, address, ifname)
+        crashpoint("networks.attach.after-veth")
         try:
             self.store.add_attachment(namespace, attachment)
         except BaseException:

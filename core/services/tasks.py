@@ -29,6 +29,7 @@ import grpc
 import pluggy
 
 from core import filters
+from core.crashpoints import crashpoint
 from core.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -264,6 +265,7 @@ class TasksService:
         except BaseException:
             self.released(namespace, container.id)
             raise
+        crashpoint("tasks.create.after-shim")
         pid = task.state().pid
         self._publish_create(namespace, task, request, rootfs, pid)
         return task, pid
@@ -347,12 +349,14 @@ class TasksService:
                         event = events_pb.TaskExecStarted(container_id=task.id, exec_id=exec_id, pid=pid)
                         events.publish(namespace, "/tasks/exec-started", event)
 
+                crashpoint("tasks.start.before-runc-start")
                 return pb.StartResponse(pid=task.start(exec_id, started=started))
 
             def Delete(self, request: Any, context: grpc.ServicerContext) -> Any:
                 namespace = namespace_of(context)
                 task = service.task(namespace, request.container_id)
                 exited = task.delete()
+                crashpoint("tasks.delete.after-runc-delete")
                 service.released(namespace, task.id)
                 event = events_pb.TaskDelete(
                     container_id=task.id,

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from core.content import ContentStore, Info, ReaderAt, Status, Writer
+from core.crashpoints import crashpoint
 from core.digest import ALGORITHMS, CANONICAL, Digest, Digester
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from core.filters import Filter
@@ -638,6 +639,7 @@ class LocalContentStore(ContentStore):
             self._write_labels(digest, labels, keep_empty=False)
             os.utime(fd)  # a blob's mtime is its creation time
             os.fchmod(fd, 0o444)
+            crashpoint("content.commit.before-rename")
             try:
                 try:
                     os.link(directory / "data", target)  # atomic, and never replaces a blob

@@ -42,6 +42,8 @@ if TYPE_CHECKING:  # as in shim.py: the zygote imports neither typing nor subpro
 TITLE_ROOM = 4096
 """Bytes of command line the zygote reserves for its shims (a shim's is ~300 + 4 x the state path)."""
 _MARK = "containerkit-shim-zygote"
+SPARE_MARK = "containerkit-shim-spare"
+"""The command line of a spare shim is this mark and its zygote's pid."""
 _HELLO_TIMEOUT = 20.0
 _RETRY_AFTER = 30.0
 """Seconds after a zygote failed to start before another is tried (shims are spawned meanwhile)."""
@@ -86,34 +88,37 @@ def serve(fd: int) -> None:
             return
         if not message:
             return  # the daemon's end closed
-        for _ in range(2):  # a spare that died is replaced once
+        for attempt in range(2):
             try:
                 socket.send_fds(spare, [message], fds)
-                sent = True
-            except OSError:
-                sent = False
-            spare.close()
-            spare = _fork_spare(control, (start, end), shim)
-            if sent:
-                break
-        for passed in fds:
+            except OSError:  # the spare died: once more with a new one
+                if attempt == 0:
+                    spare.close()
+                    spare = _fork_spare(control, (start, end), shim)
+                    continue
+            break
+        spare.close()
+        for passed in fds:  # before the next fork: the pipe's end of file must mean its shim is gone
             os.close(passed)
+        spare = _fork_spare(control, (start, end), shim)
 
 
 def _fork_spare(control: socket.socket, area: tuple[int, int], shim: object) -> socket.socket:
     """Fork the next spare shim; return the zygote's end of the socket pair it takes its request from."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    zygote = os.getpid()
     if os.fork() == 0:
         control.detach()  # the spare closes these fds: their objects must never close a reused number
         ours.detach()
-        _spare(theirs.detach(), area, shim)
+        _spare(theirs.detach(), zygote, area, shim)
     theirs.close()
     return ours
 
 
-def _spare(channel: int, area: tuple[int, int], shim: object) -> None:
+def _spare(channel: int, zygote: int, area: tuple[int, int], shim: object) -> None:
     """In the zygote's child: detach (new session, second fork), drop what the zygote holds and set up the
-    process while no task waits; then take one request from ``channel`` and serve it."""
+    process while no task waits (shown as ``SPARE_MARK ZYGOTE_PID``); then take one request from ``channel``
+    and serve it."""
     status = 1
     try:
         os.setsid()
@@ -126,6 +131,7 @@ def _spare(channel: int, area: tuple[int, int], shim: object) -> None:
             os.dup2(null, target)
         os.closerange(3, channel)
         os.closerange(channel + 1, os.sysconf("SC_OPEN_MAX"))
+        _set_title([SPARE_MARK, str(zygote)], *area)
         process = shim.prepare()  # type: ignore[attr-defined]
         with socket.socket(fileno=channel) as requests:
             try:
