@@ -12,7 +12,14 @@ repositories):
 
 - **fresh**: to a repository never used before (``bench/push-WAY-VARIANT-RUN``): the registry lacks every
   blob there, so every layer and the config are uploaded;
-- **again**: the same push once more: every blob exists (``HEAD``), only the manifest is put.
+- **again**: the same push once more: every blob exists (``HEAD``), only the manifest is put;
+- **client version**: the same client's ``version`` against the same daemon: its start-up and one call, the
+  floor under any push made that way (ckctl is Python importing grpc, ctr a Go binary). The table also gives
+  each way's fresh push less its client's version (per run, then the median): the push without the
+  client's start-up.
+
+ckctl runs with the same bytecode cache as containerkitd (bench/_daemons.py ``python_env``), as an installed
+ckctl would.
 
 The ways:
 
@@ -23,9 +30,9 @@ The ways:
 - ``containerd``: the same ctr command against containerd.
 
 After each push the target's manifest digest is checked against the source's. Recorded per push: wall time,
-the daemon's CPU time, the client's CPU time (ctr does the uploading in the ctr ways) and the daemon's peak
-RSS. The daemons are stopped by pid at the end, their mounts undone and temp dirs removed; the registries
-are stopped and their storage removed.
+the daemon's CPU time, the client's CPU time (ctr does the uploading in the ctr ways) and the daemon's RSS
+before the push and its peak during it. The daemons are stopped by pid at the end, their mounts undone and
+temp dirs removed; the registries are stopped and their storage removed.
 
     /work/venv-ck/bin/python bench/push.py [--runs 3] [--warmup 1] [--variants gzip,zstd]
         [--ways ckctl,ctr,containerd] [--dir /tmp] [--json]
@@ -70,7 +77,15 @@ from interop import CTR, Registry, running_registry  # tests/interop.py
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 TARGET_RATIO = 1.0
 """ckctl's push time over containerd's that issue 6 asks for at most."""
-SAMPLES = ("seconds", "again_seconds", "daemon_cpu_ms", "client_cpu_ms", "rss_peak_mib")
+SAMPLES = (
+    "seconds",
+    "again_seconds",
+    "floor_seconds",
+    "daemon_cpu_ms",
+    "client_cpu_ms",
+    "rss_before_mib",
+    "rss_peak_mib",
+)
 
 
 def manifest_digest(host: str, repository: str, tag: str) -> str:
@@ -82,10 +97,10 @@ def manifest_digest(host: str, repository: str, tag: str) -> str:
         return answer.headers["Docker-Content-Digest"]
 
 
-def run_client(argv: list[str]) -> float:
+def run_client(argv: list[str], env: dict[str, str] | None) -> float:
     """Run a client to the end; returns its CPU time (ms). RuntimeError with its stderr when it fails."""
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env)
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         except BaseException:
@@ -100,32 +115,43 @@ def run_client(argv: list[str]) -> float:
     return (usage.ru_utime + usage.ru_stime) * 1000
 
 
-def push_argv(way: str, daemon: RunningDaemon, ref: str, local: str) -> list[str]:
-    """The client command pushing ``local`` of ``daemon`` to ``ref`` the ``way`` given."""
-    client = [str(CKCTL)] if way == "ckctl" else [CTR]
-    return [*client, "-a", str(daemon.address), "-n", NAMESPACE, "images", "push", "--plain-http", ref, local]
+def client_argv(way: str, daemon: RunningDaemon, *args: str) -> list[str]:
+    """The ``way``'s client (ckctl or ctr) on ``daemon``'s socket and the bench namespace, with ``args``."""
+    return [str(CKCTL) if way == "ckctl" else CTR, "-a", str(daemon.address), "-n", NAMESPACE, *args]
 
 
-def push_once(way: str, daemon: RunningDaemon, local: str, target: Registry, repository: str, want: str) -> list[float]:
-    """Push ``local`` to a fresh ``repository`` of ``target``, then again; checks the digest the target has.
+def push_once(
+    way: str,
+    daemon: RunningDaemon,
+    local: str,
+    target: Registry,
+    repository: str,
+    want: str,
+    env: dict[str, str] | None,
+) -> list[float]:
+    """Push ``local`` to a fresh ``repository`` of ``target``, then again; checks the digest the target has;
+    then times the client's ``version`` (its start-up and one call: the floor under any push of that way).
 
-    Returns the SAMPLES of the two pushes (CPU and RSS of the first, fresh one).
+    Returns the SAMPLES (CPU and RSS of the first, fresh push).
     """
     ref = f"{target.host}/{repository}:latest"
-    argv = push_argv(way, daemon, ref, local)
+    argv = client_argv(way, daemon, "images", "push", "--plain-http", ref, local)
     os.sync()
+    before = status_kb(daemon.pid, "VmRSS")["VmRSS"] / 1024
     if not reset_peak_rss(daemon.pid):
         raise RuntimeError(f"{way}: cannot reset the peak RSS of pid {daemon.pid}")
     cpu0, t0 = process_cpu_ms(daemon.pid), time.perf_counter()
-    client_cpu = run_client(argv)
+    client_cpu = run_client(argv, env)
     seconds, cpu = time.perf_counter() - t0, process_cpu_ms(daemon.pid) - cpu0
     peak = status_kb(daemon.pid, "VmHWM")["VmHWM"] / 1024
     got = manifest_digest(target.host, repository, "latest")
     if got != want:
         raise RuntimeError(f"{way}: {ref} has manifest {got}, not {want}")
     t0 = time.perf_counter()
-    run_client(argv)
-    return [seconds, time.perf_counter() - t0, cpu, client_cpu, peak]
+    run_client(argv, env)
+    t1 = time.perf_counter()
+    run_client(client_argv(way, daemon, "version"), env)
+    return [seconds, t1 - t0, time.perf_counter() - t1, cpu, client_cpu, before, peak]
 
 
 def prepare(subjects: set[str], refs: dict[str, tuple[str, int]], env: dict[str, str] | None, parent: str,
@@ -163,12 +189,13 @@ def measure(
             for variant, (local, _) in refs.items():
                 for way in ways if run % 2 == 0 else list(reversed(ways)):
                     repository = f"bench/push-{way}-{variant}-{run}"
-                    measured = push_once(way, daemons[WAYS[way]], local, target, repository, digests[variant])
-                    seconds, again, daemon_cpu, client_cpu, peak = measured
+                    daemon = daemons[WAYS[way]]
+                    measured = push_once(way, daemon, local, target, repository, digests[variant], env)
+                    seconds, again, floor, daemon_cpu, client_cpu, _, peak = measured
                     label = "warm-up" if run < args.warmup else f"run {run - args.warmup + 1}"
-                    print(f"{label}: {variant} {way} {seconds:.2f} s, again {again:.2f} s (daemon CPU "
-                          f"{daemon_cpu / 1000:.2f} s, client CPU {client_cpu / 1000:.2f} s, peak RSS {peak:.0f} MiB)",
-                          file=sys.stderr)  # fmt: skip
+                    print(f"{label}: {variant} {way} {seconds:.2f} s, again {again:.2f} s, version {floor:.2f} s "
+                          f"(daemon CPU {daemon_cpu / 1000:.2f} s, client CPU {client_cpu / 1000:.2f} s, "
+                          f"peak RSS {peak:.0f} MiB)", file=sys.stderr)  # fmt: skip
                     if run >= args.warmup:
                         for name, value in zip(SAMPLES, measured, strict=True):
                             samples[variant][way][name].append(value)
@@ -182,8 +209,13 @@ def measure(
                     "min_s": min(values["seconds"]),
                     "median_again_s": statistics.median(values["again_seconds"]),
                     "min_again_s": min(values["again_seconds"]),
+                    "median_floor_s": statistics.median(values["floor_seconds"]),
+                    "median_over_floor_s": statistics.median(
+                        [push - floor for push, floor in zip(values["seconds"], values["floor_seconds"], strict=True)]
+                    ),
                     "median_daemon_cpu_s": statistics.median(values["daemon_cpu_ms"]) / 1000,
                     "median_client_cpu_s": statistics.median(values["client_cpu_ms"]) / 1000,
+                    "max_rss_before_mib": max(values["rss_before_mib"]),
                     "max_rss_peak_mib": max(values["rss_peak_mib"]),
                 }
                 for way, values in per_way.items()
@@ -201,8 +233,8 @@ def ratio(result: dict[str, Any], way: str, key: str) -> str:
 
 
 def print_table(results: dict[str, Any], ways: list[str], runs: int) -> None:
-    header = ["variant", "way", "fresh repo: median (min)", "ratio", "again: median (min)", "ratio",
-              "daemon CPU", "client CPU", "daemon peak RSS"]  # fmt: skip
+    header = ["variant", "way", "fresh repo: median (min)", "ratio", "again: median (min)", "ratio", "client version",
+              "fresh - version", "ratio", "daemon CPU", "client CPU", "daemon RSS before -> peak"]  # fmt: skip
     rows = [header]
     for variant, result in results.items():
         for way in ways:
@@ -215,9 +247,12 @@ def print_table(results: dict[str, Any], ways: list[str], runs: int) -> None:
                     ratio(result, way, "median_s"),
                     f"{values['median_again_s']:.3f} s ({values['min_again_s']:.3f})",
                     ratio(result, way, "median_again_s"),
+                    f"{values['median_floor_s']:.3f} s",
+                    f"{values['median_over_floor_s']:.2f} s",
+                    ratio(result, way, "median_over_floor_s"),
                     f"{values['median_daemon_cpu_s']:.2f} s",
                     f"{values['median_client_cpu_s']:.2f} s",
-                    f"{values['max_rss_peak_mib']:.0f} MiB",
+                    f"{values['max_rss_before_mib']:.0f} -> {values['max_rss_peak_mib']:.0f} MiB",
                 ]
             )
     print_columns(rows)

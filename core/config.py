@@ -86,7 +86,7 @@ def load_config(path: Path | None) -> Config:
         raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
     try:
         table = tomllib.loads(data.decode())
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # TOMLDecodeError, a huge integer, deep nesting
         last_line = len(data.splitlines()) or 1
         where = f" (line {last_line})" if "end of document" in str(err) else ""
         raise ConfigError(f"config {path} is not valid TOML: {err}{where}") from None

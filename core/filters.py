@@ -170,7 +170,7 @@ class _Parser:
             return _Selector(path, operator, value)
         try:
             return _Selector(path, operator, value, re.compile(value))
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:  # a repeat count too large, nesting too deep
             raise self._error(token.pos, f"invalid regular expression: {exc}") from None
 
     def _fieldpath(self) -> tuple[str, ...]:

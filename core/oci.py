@@ -242,7 +242,7 @@ def _json_object(data: bytes | str, name: str) -> dict[str, Any]:
         raise InvalidArgument(f"{name}: {len(data)} bytes is more than the {MAX_DOCUMENT_SIZE} bytes allowed")
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nested too deeply
         raise InvalidArgument(f"{name}: not valid JSON: {err}") from None
     if not isinstance(doc, dict):
         raise InvalidArgument(f"{name}: expected a JSON object, got {type(doc).__name__}")

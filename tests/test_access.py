@@ -11,6 +11,8 @@ objects are compared before and after: no probe may touch them.
 from __future__ import annotations
 
 import base64
+import errno
+import functools
 import grp
 import hashlib
 import importlib
@@ -19,7 +21,6 @@ import json
 import os
 import pwd
 import random
-import shutil
 import signal
 import stat
 import subprocess
@@ -36,8 +37,9 @@ from conftest import CKCTL, RunningDaemon
 from google.protobuf import any_pb2, empty_pb2, json_format, message, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from interop import _daemons, busybox_image, kill_leftovers, remove_namespace_dirs
-from oci_images import Layer, Layout, busybox_layer
-from registry_servers import Fault, faulty_registry
+from oci_images import Layer, Layout
+from registry_servers import Fault, FaultyRegistry, faulty_registry
+from test_ckctl_transfer import write_keys
 
 from core.netns import delete_netns, list_netns, netns_name
 
@@ -69,6 +71,7 @@ print("served" if len(frame) == 9 and frame[3] == 4 else "garbled")
 # -- the services, enumerated ---------------------------------------------------------------------------------
 
 
+@functools.cache
 def service_methods() -> dict[str, MethodDescriptor]:
     """Every rpc of every service the daemon registers, by ``Service/Method``: the services declared in the
     generated descriptors under core/api, and grpc.health.v1."""
@@ -139,6 +142,19 @@ def invoke(
     return Outcome(grpc.StatusCode.OK, responses, "")
 
 
+def call(channel: grpc.Channel, name: str, request: Request | list[Request], namespace: str) -> Outcome:
+    """``Service/Method`` by its short name (``Content/Info``) as ``namespace``."""
+    methods = {key.rsplit(".", 1)[-1]: method for key, method in service_methods().items()}
+    return invoke(channel, methods[name], request if isinstance(request, list) else [request], namespace)
+
+
+def ok(channel: grpc.Channel, name: str, request: Request | list[Request], namespace: str) -> list[Any]:
+    """The responses of a :func:`call` that must succeed."""
+    outcome = call(channel, name, request, namespace)
+    assert outcome.code is grpc.StatusCode.OK, f"{name} as {namespace}: {outcome.code} {outcome.details}"
+    return outcome.responses
+
+
 # -- namespace A's objects --------------------------------------------------------------------------------------
 
 
@@ -159,6 +175,7 @@ class World:
     container_record: Any = None
     network: str = f"{ALPHA}-net"
     subnet_b: str = ""  # for B's namesake network
+    registry: str = ""  # an empty registry (tests/registry_servers.FaultyRegistry)
     volume: str = f"{ALPHA}-vol"
     mountpoint: str = ""
     scratch_mounts: list[dict[str, Any]] = field(default_factory=list)  # B's own empty active snapshot
@@ -166,16 +183,9 @@ class World:
     key: str = ""
     public_key: str = ""
 
-    def call(self, name: str, request: Request | list[Request], namespace: str | None = A) -> Outcome:
-        """``Service/Method`` (short service name, e.g. ``Content/Info``) as ``namespace``."""
-        methods = {key.rsplit(".", 1)[-1]: method for key, method in service_methods().items()}
-        return invoke(self.channel, methods[name], request if isinstance(request, list) else [request], namespace)
-
-    def ok(self, name: str, request: Request | list[Request], namespace: str | None = A) -> list[Any]:
-        """The responses of a call that must succeed."""
-        outcome = self.call(name, request, namespace)
-        assert outcome.code is grpc.StatusCode.OK, f"{name} as {namespace}: {outcome.code} {outcome.details}"
-        return outcome.responses
+    def ok(self, name: str, request: Request | list[Request], namespace: str = A) -> list[Any]:
+        """The responses of a call that must succeed (see :func:`ok`)."""
+        return ok(self.channel, name, request, namespace)
 
     def state_of_a(self) -> dict[str, Any]:
         """Everything A holds, serialized per listing (images, ..., lease resources, ingests, interfaces, tasks)."""
@@ -209,8 +219,8 @@ def build_world(daemon: RunningDaemon, channel: grpc.Channel, busybox_ref: str, 
     [image] = world.ok("Images/Get", {"name": busybox_ref})
     world.manifest = json_format.MessageToDict(image.image.target, preserving_proto_field_name=True)
     manifest = json.loads(b"".join(r.data for r in world.ok("Content/Read", {"digest": image.image.target.digest})))
-    world.layer = {"media_type": manifest["layers"][0]["mediaType"], **manifest["layers"][0]}
-    world.layer = {k: world.layer[k] for k in ("media_type", "digest", "size")}
+    layer = manifest["layers"][0]
+    world.layer = {"media_type": layer["mediaType"], "digest": layer["digest"], "size": layer["size"]}
 
     data = f"{MARKER} {random.random()}".encode()
     world.blob = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -229,13 +239,13 @@ def build_world(daemon: RunningDaemon, channel: grpc.Channel, busybox_ref: str, 
     [prepared] = world.ok("Snapshots/Prepare", {"snapshotter": SNAPSHOTTER, "key": "b-scratch", "labels": root}, B)
     world.scratch_mounts = [json_format.MessageToDict(m, preserving_proto_field_name=True) for m in prepared.mounts]
 
-    daemon.ckctl("networks", "create", "--subnet", subnet, "--label", f"{LABEL}={MARKER}", world.network, namespace=A)
-    daemon.ckctl("volumes", "create", "--label", f"{LABEL}={MARKER}", world.volume, namespace=A)
-    [volume] = world.ok("Volumes/Get", {"name": world.volume})
+    world.ok("Networks/Create", {"name": world.network, "subnet": subnet, "labels": labels})
+    [volume] = world.ok("Volumes/Create", {"name": world.volume, "labels": labels})
     world.mountpoint = volume.volume.mountpoint
     mount = f"type=volume,src={world.volume},dst=/data"
-    daemon.ckctl("run", "-d", "--net", world.network, "--mount", mount, busybox_ref, world.container, "sleep", "600",
-                 namespace=A)  # fmt: skip
+    daemon.ckctl(
+        "run", "-d", "--net", world.network, "--mount", mount, busybox_ref, world.container, "sleep", "600", namespace=A
+    )
     update = {"container": {"id": world.container, "labels": labels}, "update_mask": f"labels.{LABEL}"}
     world.ok("Containers/Update", update)
     [got] = world.ok("Containers/Get", {"id": world.container})
@@ -247,24 +257,8 @@ def build_world(daemon: RunningDaemon, channel: grpc.Channel, busybox_ref: str, 
     with tarfile.open(fileobj=archive, mode="w") as tar:
         tar.add(layout.directory, arcname=".")
     world.small_archive = archive.getvalue()
-    world.key, world.public_key = write_keys(tmp)
+    world.key, world.public_key = (str(path) for path in write_keys(tmp, "probe"))
     return world
-
-
-def write_keys(directory: Path) -> tuple[str, str]:
-    """An ed25519 key pair as PEM files (private, public)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    key = Ed25519PrivateKey.generate()
-    private, public = directory / "probe.key", directory / "probe.pub"
-    private.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
-    return str(private), str(public)
 
 
 # -- the table ---------------------------------------------------------------------------------------------------
@@ -503,22 +497,23 @@ PROBES: tuple[Probe, ...] = (
     # unpack, transfer: through B's image record at A's manifest
     Probe("containerkit.services.unpack.v1.Unpack/Unpack", lambda w: {"image": "b-pointer", **SNAP}, refused()),
     Probe(f"{TRANSFER}/Export", lambda w: {"names": ["b-pointer"]}, refused()),
-    Probe(f"{TRANSFER}/Push", lambda w: {"ref": "127.0.0.1:1/access/x:1", "local_name": "b-pointer"}, refused()),
-    Probe(f"{TRANSFER}/Convert", lambda w: {"source": "b-pointer", "target": "b-zstd", "compression": "zstd"},
-          refused()),  # fmt: skip
+    Probe(f"{TRANSFER}/Push", lambda w: {"ref": f"{w.registry}/access/x:1", "local_name": "b-pointer"}, refused()),
+    Probe(
+        f"{TRANSFER}/Convert", lambda w: {"source": "b-pointer", "target": "b-zstd", "compression": "zstd"}, refused()
+    ),
     Probe(f"{TRANSFER}/Sign", lambda w: {"name": "b-pointer", "key_path": w.key}, refused()),
     Probe(
         f"{TRANSFER}/Verify",
         lambda w: {"name": "b-pointer", "public_key_paths": [w.public_key]},
         refused(NOT_FOUND, PRECONDITION),
     ),
-    Probe(f"{TRANSFER}/Pull", lambda w: {"ref": "127.0.0.1:1/access/none:1"}, refused(grpc.StatusCode.UNAVAILABLE)),
+    Probe(f"{TRANSFER}/Pull", lambda w: {"ref": f"{w.registry}/access/none:1"}, refused()),
     Probe(
         f"{TRANSFER}/Import",
         lambda w: [{"options": {"base_name": "b-import"}}, {"data": base64.b64encode(w.small_archive).decode()}],
         clean,
     ),
-    Probe(f"{TRANSFER}/Login", lambda w: {"host": "127.0.0.1:1"}, answers(grpc.StatusCode.UNAVAILABLE), tenant=False),
+    Probe(f"{TRANSFER}/Login", lambda w: {"host": w.registry, "username": "b"}, answers(OK), tenant=False),
     # networks: A's network and A's container's interfaces
     Probe(f"{NETWORKS}/Get", lambda w: {"name": w.network}, refused()),
     Probe(f"{NETWORKS}/List", lambda w: {}, clean),
@@ -573,6 +568,18 @@ def two_subnets() -> tuple[str, str]:
     return f"10.{second}.{third}.0/24", f"10.{second}.{third + 1}.0/24"
 
 
+def empty_namespace(channel: grpc.Channel, namespace: str) -> None:
+    """Remove the namespace's tasks (SIGKILL), containers and networks: what lives outside the daemon's root."""
+    for task in ok(channel, "Tasks/List", {}, namespace)[0].tasks:
+        call(channel, "Tasks/Kill", {"container_id": task.id, "signal": signal.SIGKILL, "all": True}, namespace)
+        call(channel, "Tasks/Wait", {"container_id": task.id}, namespace)
+        call(channel, "Tasks/Delete", {"container_id": task.id}, namespace)
+    for container in ok(channel, "Containers/List", {}, namespace)[0].containers:
+        call(channel, "Containers/Delete", {"id": container.id}, namespace)
+    for network in ok(channel, "Networks/List", {}, namespace)[0].networks:
+        call(channel, "Networks/Delete", {"name": network.name, "force": True}, namespace)
+
+
 @pytest.fixture
 def shared_daemon(make_daemon: Any) -> Iterator[RunningDaemon]:
     """A daemon whose namespaces A and B are emptied, and whose netns and cgroups are removed, afterwards."""
@@ -580,15 +587,10 @@ def shared_daemon(make_daemon: Any) -> Iterator[RunningDaemon]:
     try:
         yield daemon
     finally:
-        for namespace in (A, B):
-            if daemon.process is not None:
-                containers = daemon.ckctl("containers", "ls", "-q", namespace=namespace, check=False).stdout.split()
-                if containers:
-                    daemon.ckctl("tasks", "rm", "-f", *containers, namespace=namespace, check=False)
-                    daemon.ckctl("containers", "rm", *containers, namespace=namespace, check=False)
-                networks = daemon.ckctl("networks", "ls", "-q", namespace=namespace, check=False).stdout.split()
-                if networks:
-                    daemon.ckctl("networks", "rm", "--force", *networks, namespace=namespace, check=False)
+        if daemon.process is not None:
+            with grpc.insecure_channel(f"unix:{daemon.address}") as channel:
+                for namespace in (A, B):
+                    empty_namespace(channel, namespace)
         daemon.stop()
         kill_leftovers(daemon.dir)
         _daemons.unmount_under(daemon.dir)
@@ -605,9 +607,9 @@ def test_namespace_b_never_reaches_namespace_a(
     containerd refuses; A's objects the same before and after."""
     methods = service_methods()
     subnet_a, subnet_b = two_subnets()
-    with grpc.insecure_channel(f"unix:{shared_daemon.address}") as channel:
+    with grpc.insecure_channel(f"unix:{shared_daemon.address}") as channel, faulty_registry() as empty:
         world = build_world(shared_daemon, channel, busybox_image(registry, tmp_path), tmp_path, subnet_a)
-        world.subnet_b = subnet_b
+        world.subnet_b, world.registry = subnet_b, empty.host
         before = world.state_of_a()
         failures = []
         for probe in PROBES:
@@ -624,3 +626,170 @@ def test_namespace_b_never_reaches_namespace_a(
     robustness.record("hostile inputs", 2 * len(PROBES), 2 * len(PROBES) - len(failures))
     assert failures == [], "\n".join(failures)
     assert after == before
+
+
+# -- the socket ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def users() -> Iterator[tuple[str, str, int]]:
+    """A temporary system group and two temporary system users, (outsider, member of the group, group's gid);
+    all removed afterwards."""
+    suffix = os.urandom(3).hex()
+    group, outsider, member = f"ckacc-{suffix}", f"ckout-{suffix}", f"ckmem-{suffix}"
+    add_user = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
+    subprocess.run(["groupadd", "--system", group], check=True)
+    try:
+        subprocess.run([*add_user, outsider], check=True)
+        subprocess.run([*add_user, "--groups", group, member], check=True)
+        yield outsider, member, grp.getgrnam(group).gr_gid
+    finally:
+        for user in (outsider, member):
+            subprocess.run(["userdel", user], capture_output=True, check=False)
+        subprocess.run(["groupdel", group], capture_output=True, check=False)
+
+
+def connect_as(user: str, address: str) -> str:
+    """What a process of ``user`` (with its groups) gets from the socket: "served" (an HTTP/2 SETTINGS frame
+    answered its preface) or "refused ERRNO"."""
+    entry = pwd.getpwnam(user)
+    result = subprocess.run(
+        ["/usr/bin/python3", "-c", PROBE_SCRIPT, address],
+        user=entry.pw_uid,
+        group=entry.pw_gid,
+        extra_groups=os.getgrouplist(user, entry.pw_gid),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return result.stdout.strip()
+
+
+def test_the_socket_is_root_owned_0660_and_only_its_group_gets_in(
+    make_daemon: Any, users: tuple[str, str, int], robustness: Any
+) -> None:
+    """0660 root:root by default; ``[grpc] gid`` hands the group to the socket: its members connect, others
+    are refused by the kernel before the daemon reads a byte."""
+    outsider, member, gid = users
+    default = os.stat(make_daemon().address)
+    assert (stat.S_IMODE(default.st_mode), default.st_uid, default.st_gid) == (0o660, 0, 0)
+
+    daemon = make_daemon(f"[grpc]\ngid = {gid}\n", start=False)
+    daemon.dir.chmod(0o711)  # the users may reach the socket file; its own mode decides
+    daemon.start()
+    info = os.stat(daemon.address)
+    assert stat.S_ISSOCK(info.st_mode) and (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (0o660, 0, gid)
+    outsider_got, member_got = connect_as(outsider, daemon.address), connect_as(member, daemon.address)
+    robustness.record("hostile inputs", 1, int(outsider_got == f"refused {errno.EACCES}"))
+    assert outsider_got == f"refused {errno.EACCES}"
+    assert member_got == "served"
+
+
+# -- credentials and TLS ----------------------------------------------------------------------------------------
+
+
+def serve_image(faulty: FaultyRegistry, directory: Path, name: str) -> str:
+    """A one-small-layer image served by ``faulty`` as ``name:latest``; returns the layer's digest."""
+    layout = Layout(directory / name.replace("/", "-"))
+    descriptor = layout.add_image("latest", [Layer().dirs("etc").file("etc/hello", b"hello\n")])
+    for blob in layout.blobs.iterdir():
+        faulty.add_blob(blob.read_bytes())
+    manifest = (layout.blobs / descriptor["digest"].split(":")[1]).read_bytes()
+    faulty.add_manifest(name, "latest", descriptor["mediaType"], manifest)
+    return json.loads(manifest)["layers"][0]["digest"]
+
+
+def test_credentials_stay_out_of_ps_errors_and_debug_logs(make_daemon: Any, tmp_path: Path, robustness: Any) -> None:
+    """``--user USER:PASS`` is hidden from ps while the pull runs; --password-stdin never shows it; neither
+    the daemon's debug log, nor an error message, nor the plugin listing holds a password (the request's or
+    the daemon's own from its config)."""
+    secret = f"S3cret-{os.urandom(6).hex()}"
+    env = {**os.environ, "DOCKER_CONFIG": str(tmp_path / "docker")}
+    seen: list[bytes] = []
+    with faulty_registry({"probe": secret}) as faulty:
+        daemon: RunningDaemon = make_daemon(
+            f'[plugins.service.transfer.registries."{faulty.host}"]\nusername = "probe"\npassword = "{secret}"\n'
+        )
+        layer = serve_image(faulty, tmp_path, "access/stall")
+        serve_image(faulty, tmp_path, "access/ok")
+        faulty.fail("GET", f"/v2/access/stall/blobs/{layer}", Fault(endless=True))
+        ckctl = [*CKCTL, "-a", daemon.address, "-n", "creds"]
+        argv = [
+            *ckctl,
+            "images",
+            "pull",
+            "--no-unpack",
+            "--user",
+            f"probe:{secret}",
+            f"{faulty.host}/access/stall:latest",
+        ]
+        pull = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        try:
+            deadline = time.monotonic() + 60
+            while not any(path.endswith(layer) for _, path, _ in faulty.requests):  # stalled on the layer now
+                assert pull.poll() is None and time.monotonic() < deadline, "the pull did not reach the layer"
+                time.sleep(0.05)
+            seen.append(Path(f"/proc/{pull.pid}/cmdline").read_bytes())
+            ps = ["ps", "-ww", "-o", "args=", "-p", str(pull.pid)]
+            seen.append(subprocess.run(ps, capture_output=True, check=True).stdout)
+        finally:
+            pull.kill()
+            pull.wait()
+
+        def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*ckctl, *args], input=stdin, capture_output=True, text=True, env=env, timeout=60)
+
+        wrong = run("login", "--user", "probe", "--password-stdin", faulty.host, stdin=f"not-{secret}\n")
+        right = run("login", "--user", "probe", "--password-stdin", faulty.host, stdin=f"{secret}\n")
+        stdin_pull = run(
+            "images",
+            "pull",
+            "--no-unpack",
+            "--user",
+            "probe",
+            "--password-stdin",
+            f"{faulty.host}/access/ok:latest",
+            stdin=f"{secret}\n",
+        )
+        missing = run("images", "pull", "--user", f"probe:{secret}", f"{faulty.host}/access/none:latest")
+        plugins = run("plugins", "ls", "--json")
+    assert b"probe:***" in seen[0] and all(secret.encode() not in text for text in seen)
+    assert wrong.returncode != 0 and right.stdout == "Login Succeeded\n" and stdin_pull.returncode == 0
+    assert missing.returncode != 0 and missing.stderr.count("\n") == 1
+    basic = base64.b64encode(f"probe:{secret}".encode()).decode()
+    outputs = [wrong.stderr, right.stderr, stdin_pull.stderr, stdin_pull.stdout, missing.stderr, plugins.stdout]
+    outputs.append(daemon.log)
+    leaks = [text for text in outputs if secret in text or basic in text]
+    robustness.record("hostile inputs", 6 + len(outputs), 6 + len(outputs) - len(leaks))
+    assert "level=debug" in daemon.log
+    assert leaks == []
+
+
+def test_registry_tls_is_verified_unless_configured_otherwise(
+    make_daemon: Any, tmp_path: Path, robustness: Any
+) -> None:
+    """A registry with a self-signed certificate is refused with a clear error; ``ca_file`` (trust that
+    certificate) or ``skip_verify`` (trust any) let the pull through."""
+    with faulty_registry(tls_dir=tmp_path) as faulty:
+        serve_image(faulty, tmp_path, "access/tls")
+        port = faulty.host.rsplit(":", 1)[1]
+        hosts = {faulty.host: "", f"localhost:{port}": "skip_verify = true\n"}
+        table = "".join(
+            f'[plugins.service.transfer.registries."{host}"]\nplain_http = false\n{extra}'
+            for host, extra in hosts.items()
+        )
+        daemon: RunningDaemon = make_daemon(table)
+        refused = daemon.ckctl("images", "pull", "--no-unpack", f"{faulty.host}/access/tls:latest", check=False)
+        skipped = daemon.ckctl("images", "pull", "--no-unpack", f"localhost:{port}/access/tls:latest", check=False)
+        daemon.stop()
+        daemon.config_path.write_text(
+            f'[plugins.service.transfer.registries."{faulty.host}"]\nplain_http = false\nca_file = "{faulty.ca_file}"\n'
+        )
+        daemon.start()
+        trusted = daemon.ckctl("images", "pull", "--no-unpack", f"{faulty.host}/access/tls:latest", check=False)
+    robustness.record("hostile inputs", 1, int(refused.returncode != 0))
+    assert refused.returncode != 0 and refused.stderr.count("\n") == 1
+    assert "TLS failed" in refused.stderr and "ca_file or skip_verify" in refused.stderr
+    assert skipped.returncode == 0, skipped.stderr
+    assert trusted.returncode == 0, trusted.stderr

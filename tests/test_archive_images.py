@@ -326,7 +326,11 @@ def oversized_index() -> bytes:
     ],
 )
 def test_hostile_archives_are_refused_with_nothing_half_made(
-    env: Env, kind: str, error: type[Exception], message: str
+    env: Env,
+    kind: str,
+    error: type[Exception],
+    message: str,
+    robustness: Any,
 ) -> None:
     data = oversized_index() if kind == "oversized index.json" else hostile(kind, env)
     with pytest.raises(error, match=message):
@@ -338,13 +342,15 @@ def test_hostile_archives_are_refused_with_nothing_half_made(
     env.collector.collect()
     assert env.blobs() == set()  # what was stored went with the lease
     assert not (Path("/etc/evil").exists() or (env.tmp.parent / "escape").exists())
+    robustness.record("hostile inputs")
 
 
-def test_an_archive_without_index_or_manifest_is_refused(env: Env) -> None:
+def test_an_archive_without_index_or_manifest_is_refused(env: Env, robustness: Any) -> None:
     data = tar_of(("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'))
     with pytest.raises(InvalidArgument, match=r"neither index\.json"):
         import_archive(env.content, env.images, env.unpacker, NS, [data])
     assert env.leftovers()["leases"] == []
+    robustness.record("hostile inputs")
 
 
 def test_import_takes_gzip_layers_in_a_docker_archive(env: Env) -> None:

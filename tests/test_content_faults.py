@@ -145,7 +145,9 @@ def committed_once(ck: Any, data: bytes) -> None:
     assert ingest_dirs(ck.root) == []
 
 
-def test_a_wrong_expected_digest_fails_the_commit_and_a_retry_succeeds(ck: Any, tmp_path: Path) -> None:
+def test_a_wrong_expected_digest_fails_the_commit_and_a_retry_succeeds(
+    ck: Any, tmp_path: Path, robustness: Any
+) -> None:
     source = tmp_path / "data"
     source.write_bytes(DATA_12)
     wrong = sha256(b"something else")
@@ -156,9 +158,10 @@ def test_a_wrong_expected_digest_fails_the_commit_and_a_retry_succeeds(ck: Any, 
     )
     assert ingest_file(ck, "wrong-digest", source, "--expected-digest", sha256(DATA_12)).returncode == 0
     committed_once(ck, DATA_12)
+    robustness.record("faults injected")
 
 
-def test_a_wrong_expected_size_fails_the_commit_and_a_retry_succeeds(ck: Any, tmp_path: Path) -> None:
+def test_a_wrong_expected_size_fails_the_commit_and_a_retry_succeeds(ck: Any, tmp_path: Path, robustness: Any) -> None:
     source = tmp_path / "data"
     source.write_bytes(DATA_12)
     error = failed_commit(ck, source, "wrong-size", "--expected-size", "5")
@@ -172,12 +175,15 @@ def test_a_wrong_expected_size_fails_the_commit_and_a_retry_succeeds(ck: Any, tm
     assert content_active(ck) == {"wrong-size": "12B"}
     assert ingest_file(ck, "wrong-size", source).returncode == 0  # no size expected: commits what was written
     committed_once(ck, DATA_12)
+    robustness.record("faults injected")
 
 
 # -- a client that disconnects mid-write ------------------------------------------------------
 
 
-def test_a_killed_client_leaves_a_resumable_ingest(ck: Any, tmp_path: Path, slow_ingests: list[SlowIngest]) -> None:
+def test_a_killed_client_leaves_a_resumable_ingest(
+    ck: Any, tmp_path: Path, slow_ingests: list[SlowIngest], robustness: Any
+) -> None:
     data = os.urandom(3 * CHUNK)
     source = tmp_path / "data"
     source.write_bytes(data)
@@ -193,6 +199,7 @@ def test_a_killed_client_leaves_a_resumable_ingest(ck: Any, tmp_path: Path, slow
     assert content_ls(ck)[sha256(data)].size == "3.146MB"
     assert ctr_bytes(ck, "content", "get", sha256(data)).stdout == data
     assert hashlib.sha256(blob_path(ck, sha256(data)).read_bytes()).hexdigest() == sha256(data).split(":")[1]
+    robustness.record("faults injected")
 
 
 # -- hostile digests and refs -----------------------------------------------------------------
@@ -217,15 +224,16 @@ BAD_DIGESTS = [
     ],
     ids=["no-algorithm", "path", "uppercase"],
 )
-def test_ctr_refuses_invalid_digests_as_with_containerd(ck: Any, digest: str, ctr_error: str) -> None:
+def test_ctr_refuses_invalid_digests_as_with_containerd(ck: Any, digest: str, ctr_error: str, robustness: Any) -> None:
     # ctr parses the digest before calling: the same words as against containerd.
     for args in (("content", "get", digest), ("content", "label", digest, "a=b")):
         result = ck.ctr(*args, check=False)
         assert (result.returncode, result.stderr) == (1, f"ctr: {ctr_error}\n")
+    robustness.record("hostile inputs")
 
 
 @pytest.mark.parametrize("digest", BAD_DIGESTS)
-def test_the_content_api_answers_invalid_argument_for_invalid_digests(ck: Any, digest: str) -> None:
+def test_the_content_api_answers_invalid_argument_for_invalid_digests(ck: Any, digest: str, robustness: Any) -> None:
     passwd = Path("/etc/passwd").read_bytes()
     calls = {
         "Info": lambda stub, md: stub.Info(pb.InfoRequest(digest=digest), metadata=md),
@@ -248,6 +256,7 @@ def test_the_content_api_answers_invalid_argument_for_invalid_digests(ck: Any, d
     assert Path("/etc/passwd").read_bytes() == passwd
     assert content_active(ck) == {}
     assert ck.ctr("version").returncode == 0
+    robustness.record("hostile inputs")
 
 
 def snapshot(top: Path) -> dict[Path, tuple[int, int]]:
@@ -256,7 +265,10 @@ def snapshot(top: Path) -> dict[Path, tuple[int, int]]:
 
 
 def test_refs_that_look_like_paths_stay_inside_the_ingest_folder(
-    ck: Any, tmp_path: Path, slow_ingests: list[SlowIngest]
+    ck: Any,
+    tmp_path: Path,
+    slow_ingests: list[SlowIngest],
+    robustness: Any,
 ) -> None:
     escape = f"ck-escape-{uuid.uuid4().hex}"
     ingest_root = ck.root / "content.local" / "ingest"
@@ -299,6 +311,7 @@ def test_refs_that_look_like_paths_stay_inside_the_ingest_folder(
     assert blobs_on_disk(ck) == {sha256(body) for body in bodies.values()}
     assert Path("/etc/passwd").read_bytes() == passwd
     assert not (Path("/tmp") / escape).exists()
+    robustness.record("hostile inputs")
 
 
 # -- a full disk ------------------------------------------------------------------------------
@@ -322,7 +335,9 @@ def small_tmpfs() -> Iterator[Path]:
         mountpoint.rmdir()
 
 
-def test_a_full_disk_fails_the_ingest_cleanly_and_the_daemon_serves_on(make_daemon: Any, small_tmpfs: Path) -> None:
+def test_a_full_disk_fails_the_ingest_cleanly_and_the_daemon_serves_on(
+    make_daemon: Any, small_tmpfs: Path, robustness: Any
+) -> None:
     root = small_tmpfs / "root"
     daemon = make_daemon(QUIET_GC, args=("--root", str(root)))
     try:
@@ -351,12 +366,15 @@ def test_a_full_disk_fails_the_ingest_cleanly_and_the_daemon_serves_on(make_daem
         assert ctr_bytes(daemon, "content", "get", sha256(small)).stdout == small
     finally:
         daemon.stop()
+    robustness.record("faults injected")
 
 
 # -- kill -9 of the daemon mid-ingest ---------------------------------------------------------
 
 
-def test_a_daemon_killed_mid_ingest_restarts_with_the_ingest_resumable(ck: Any, slow_ingests: list[SlowIngest]) -> None:
+def test_a_daemon_killed_mid_ingest_restarts_with_the_ingest_resumable(
+    ck: Any, slow_ingests: list[SlowIngest], robustness: Any
+) -> None:
     big = ck.dir / "big"
     data = os.urandom(200 << 20)
     big.write_bytes(data)
@@ -386,9 +404,12 @@ def test_a_daemon_killed_mid_ingest_restarts_with_the_ingest_resumable(ck: Any, 
     assert ck.stop() == 0, ck.log
     with MetadataStore(ck.root / "meta.db") as store:
         assert store.integrity_check() == "ok"
+    robustness.record("faults injected")
 
 
-def test_a_daemon_killed_mid_ingest_lets_the_ingest_be_aborted(ck: Any, slow_ingests: list[SlowIngest]) -> None:
+def test_a_daemon_killed_mid_ingest_lets_the_ingest_be_aborted(
+    ck: Any, slow_ingests: list[SlowIngest], robustness: Any
+) -> None:
     start_killed_ingest(ck, "doomed", os.urandom(2 * CHUNK), slow_ingests)
     assert ck.stop(signal.SIGKILL) == -signal.SIGKILL
     ck.start()
@@ -399,6 +420,7 @@ def test_a_daemon_killed_mid_ingest_lets_the_ingest_be_aborted(ck: Any, slow_ing
     assert ck.stop() == 0, ck.log
     with MetadataStore(ck.root / "meta.db") as store:
         assert store.integrity_check() == "ok"
+    robustness.record("faults injected")
 
 
 # -- garbage collection -----------------------------------------------------------------------
@@ -450,7 +472,7 @@ delay_after_delete_seconds = 3600
 """
 
 
-def test_the_scheduler_collects_the_leftovers_of_an_interrupted_pull(make_daemon: Any) -> None:
+def test_the_scheduler_collects_the_leftovers_of_an_interrupted_pull(make_daemon: Any, robustness: Any) -> None:
     # Deletions do not trigger a collection here (delay 3600 s): only the periodic one can collect.
     daemon = make_daemon(GC_EVERY_SECOND)
     daemon.ctr("leases", "create", "--id", "ck-pull")
@@ -477,3 +499,4 @@ def test_the_scheduler_collects_the_leftovers_of_an_interrupted_pull(make_daemon
     )
     assert blobs_on_disk(daemon) == set()
     assert ingest_dirs(daemon.root) == []
+    robustness.record("faults injected")

@@ -17,11 +17,12 @@ fresh random examples for N seconds. Every input counts as a "hostile input" in 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import os
-import shutil
+import subprocess
 import tempfile
 import time
 import typing
@@ -47,6 +48,8 @@ from core.types import Descriptor, Mount
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 FUZZ_SECONDS = float(os.environ.get("CONTAINERKIT_FUZZ_SECONDS") or 0)
+
+DEPTH = 1200 if FUZZ_SECONDS else 200  # the deepest generated path: a deep one costs seconds of path walks
 
 T = typing.TypeVar("T")
 
@@ -111,8 +114,11 @@ PAX_KEYS = (
     "SCHILY.xattr.trusted.overlay.opaque", "SCHILY.xattr.security.capability", "SCHILY.xattr.", "GNU.sparse.major",
     "comment", "",
 )  # fmt: skip
-NUMBERS = st.one_of(
-    st.integers(0, 0o7777),
+SMALL = st.integers(0, 0o7777)
+NUMBERS = st.one_of(  # mostly plausible, so that a stream gets past its first header often enough
+    SMALL,
+    SMALL,
+    SMALL,
     st.integers(-(1 << 70), 1 << 70),
     st.sampled_from([0, 1000, (1 << 32) - 1, 1 << 32, 1 << 63, -1, 8**11, 8**11 - 1]),
 )
@@ -126,7 +132,7 @@ PATHS = st.one_of(
     st.lists(st.sampled_from(COMPONENTS) | st.text(alphabet="ab./", max_size=4), max_size=6).map("/".join),
     st.lists(st.sampled_from(COMPONENTS), max_size=4).map(lambda parts: "/" + "/".join(parts)),
     st.integers(2, 30).map(lambda n: "../" * n + "sentinel/victim"),
-    st.integers(400, 2100).map(lambda n: "d/" * n + "f"),  # deep: past Python's recursion limit
+    st.integers(2, DEPTH).map(lambda n: "d/" * n + "f"),  # deep (the corpus holds one past the recursion limit)
 )
 ENTRIES = st.fixed_dictionaries(
     {"name": PATHS, "type": st.sampled_from(ENTRY_TYPES)},
@@ -259,7 +265,9 @@ def outside_state(base: Path, root: Path) -> dict[str, tuple[Any, ...]]:
                 content = os.readlink(path)
             elif os.path.isfile(path):
                 content = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-            xattrs = {key: os.getxattr(path, key, follow_symlinks=False) for key in os.listxattr(path, follow_symlinks=False)}
+            xattrs = {
+                key: os.getxattr(path, key, follow_symlinks=False) for key in os.listxattr(path, follow_symlinks=False)
+            }
             state[path] = (info.st_mode, info.st_uid, info.st_gid, info.st_size, info.st_nlink, info.st_mtime_ns,
                            info.st_ctime_ns, content, xattrs)  # fmt: skip
     return state
@@ -302,7 +310,7 @@ def check_layer(spec: dict[str, Any]) -> None:
                 raise
         assert outside_state(base, root) == before, "the layer changed something outside its root"
     finally:
-        shutil.rmtree(base)
+        subprocess.run(["rm", "-rf", "--", str(base)], check=True)  # shutil.rmtree recurses: trees may be deeper
 
 
 def test_fuzz_layer_applier(robustness: Any) -> None:
@@ -363,7 +371,10 @@ JSON_SCALARS = st.one_of(
 )  # fmt: skip
 JSON_VALUES = st.recursive(
     JSON_SCALARS,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(JSON_KEYS) | st.text(max_size=4), inner, max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(JSON_KEYS) | st.text(max_size=4), inner, max_size=6)
+    ),
     max_leaves=25,
 )
 DOCUMENTS = st.one_of(
@@ -388,10 +399,8 @@ def check_oci(case: tuple[bytes, str]) -> None:
         lambda: oci.parse_config(data),
         lambda: oci.resolve_image(store.read, target),
     ):
-        try:
+        with contextlib.suppress(ContainerkitError):
             parse()
-        except ContainerkitError:
-            pass
 
 
 def test_fuzz_oci_documents(robustness: Any) -> None:
@@ -417,10 +426,8 @@ def check_reference(text_: str) -> None:
         return
     assert Reference.parse(str(ref)) == ref
     is_local_host(ref.domain)
-    try:
+    with contextlib.suppress(ContainerkitError):
         ref.with_tag(text_)
-    except ContainerkitError:
-        pass
 
 
 def test_fuzz_reference_parser(robustness: Any) -> None:
@@ -485,10 +492,8 @@ def check_config_file(toml: str) -> None:
     with tempfile.TemporaryDirectory(prefix="ck-fuzz-config-") as directory:
         path = Path(directory) / "config.toml"
         path.write_bytes(toml.encode("utf-8", "surrogateescape"))
-        try:
+        with contextlib.suppress(ConfigError):
             load_config(path)
-        except ConfigError:
-            pass
 
 
 @dataclass
@@ -516,15 +521,15 @@ TOML_VALUES = st.recursive(
                       inner, max_size=5),
     max_leaves=20,
 )  # fmt: skip
-TABLES = st.dictionaries(st.sampled_from(list(Shapes.__dataclass_fields__)) | st.text(max_size=4), TOML_VALUES, max_size=6)
+TABLES = st.dictionaries(
+    st.sampled_from(list(Shapes.__dataclass_fields__)) | st.text(max_size=4), TOML_VALUES, max_size=6
+)
 
 
 def check_config_table(table: dict[str, Any]) -> None:
     """A parsed table builds the dataclass or fails with ConfigError."""
-    try:
+    with contextlib.suppress(ConfigError):
         from_table(Shapes, table)
-    except ConfigError:
-        pass
 
 
 def test_fuzz_config_file(robustness: Any) -> None:

@@ -186,13 +186,14 @@ def snapshot_rows(daemon: Any, namespace: str) -> list[str]:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_hostile_layer(containerkitd: Any, containerd: Any, hostile_images: dict[str, str], sentinel: Sentinel,
-                       case: str, tmp_path: Path) -> None:  # fmt: skip
+                       case: str, tmp_path: Path, robustness: Any) -> None:  # fmt: skip
     """Both daemons refuse the image, or both unpack the same tree; nothing outside changes; ours serves on."""
     ref, namespace = hostile_images[case], f"hostile-{case}"
     pulls = {name: ctr(daemon, "images", "pull", "--plain-http", ref, check=False, namespace=namespace)
              for name, daemon in (("ours", containerkitd), ("theirs", containerd))}  # fmt: skip
     assert sentinel.untouched() == []
     ctr(containerkitd, "version")
+    robustness.record("hostile inputs")
     refused = {name: result.returncode != 0 for name, result in pulls.items()}
     stderr = {name: result.stderr.strip().splitlines()[-1:] for name, result in pulls.items()}
     assert refused["ours"] == refused["theirs"], f"containerd refused: {refused['theirs']}; stderr: {stderr}"

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -131,14 +132,19 @@ def test_media_type_from_the_document_when_the_header_is_generic(faulty: FaultyR
     ],
 )
 def test_resolve_refuses_schema1_and_unknown_types(
-    faulty: FaultyRegistry, header: str, body: bytes, message: str
+    faulty: FaultyRegistry,
+    header: str,
+    body: bytes,
+    message: str,
+    robustness: Any,
 ) -> None:
     faulty.add_manifest("x/y", "t", header, body)
     with pytest.raises(InvalidArgument, match=message):
         client().resolve(Reference.parse(f"{faulty.host}/x/y:t"))
+    robustness.record("hostile inputs")
 
 
-def test_manifest_bytes_not_matching_the_digest(image: Image) -> None:
+def test_manifest_bytes_not_matching_the_digest(image: Image, robustness: Any) -> None:
     ref, desc, data = image.ref, image.desc, image.data
     faulty = image.registry
     forged = data.replace(b"amd64", b"arm64") + b" "
@@ -148,6 +154,7 @@ def test_manifest_bytes_not_matching_the_digest(image: Image) -> None:
     faulty.fail("GET", path_of(ref, "manifests", "v1"), Fault(body=forged))
     with pytest.raises(FailedPrecondition, match="digest mismatch"):
         client().resolve(ref)  # by tag: against the registry's Docker-Content-Digest
+    robustness.record("hostile inputs")
 
 
 @pytest.mark.parametrize(
@@ -158,21 +165,24 @@ def test_manifest_bytes_not_matching_the_digest(image: Image) -> None:
     ],
     ids=["declared", "endless"],
 )
-def test_manifest_size_cap(image: Image, fault: Fault) -> None:
+def test_manifest_size_cap(image: Image, fault: Fault, robustness: Any) -> None:
     ref = image.ref
     image.registry.fail("GET", path_of(ref, "manifests", "v1"), fault)
     with pytest.raises(InvalidArgument, match=r"(exceeds|larger than) the limit of 4096"):
         client(max_manifest_size=4096).resolve(ref)
+    robustness.record("hostile inputs")
 
 
 def test_fetch_manifest_refuses_a_descriptor_above_the_cap_unread(
     image: Image,
+    robustness: Any,
 ) -> None:
     ref, desc = image.ref, image.desc
     before = len(image.registry.requests)
     with pytest.raises(InvalidArgument, match="exceeds the limit"):
         client(max_manifest_size=desc.size - 1).fetch_manifest(ref, desc)
     assert len(image.registry.requests) == before
+    robustness.record("hostile inputs")
 
 
 def test_not_found(image: Image) -> None:
@@ -190,28 +200,31 @@ def test_not_found(image: Image) -> None:
 # -- retries ---------------------------------------------------------------------------------------------------
 
 
-def test_429_and_5xx_are_retried_with_backoff(image: Image) -> None:
+def test_429_and_5xx_are_retried_with_backoff(image: Image, robustness: Any) -> None:
     ref, desc, data = image.ref, image.desc, image.data
     faulty = image.registry
     path = path_of(ref, "manifests", "v1")
     faulty.fail("GET", path, Fault(429, {"Retry-After": "0"}), Fault(503), Fault(502))
     assert client().resolve(ref) == (desc, data)
     assert [p for m, p, _ in faulty.requests if p == path] == [path] * 4
+    robustness.record("faults injected")
 
 
-def test_persistent_5xx_gives_up_naming_the_status(image: Image) -> None:
+def test_persistent_5xx_gives_up_naming_the_status(image: Image, robustness: Any) -> None:
     ref = image.ref
     faulty = image.registry
     faulty.fail("GET", path_of(ref, "manifests", "v1"), *[Fault(503)] * 3)
     with pytest.raises(Unavailable, match="503 Service Unavailable; gave up after 3 attempts"):
         client(retries=2).resolve(ref)
+    robustness.record("faults injected")
 
 
-def test_unreachable_registry_is_unavailable() -> None:
+def test_unreachable_registry_is_unavailable(robustness: Any) -> None:
     with faulty_registry() as gone:
         host = gone.host
     with pytest.raises(Unavailable, match="connection failed"):
         client(retries=1).resolve(Reference.parse(f"{host}/x/y:t"))
+    robustness.record("faults injected")
 
 
 # -- blobs -----------------------------------------------------------------------------------------------------
@@ -233,13 +246,14 @@ def test_fetch_blob_from_an_offset_uses_range(image: Image) -> None:
         list(client().fetch_blob(ref, layer, layer.size + 1))
 
 
-def test_a_registry_ignoring_range_is_skipped_through(image: Image) -> None:
+def test_a_registry_ignoring_range_is_skipped_through(image: Image, robustness: Any) -> None:
     ref, layer = image.ref, image.layer
     image.registry.fail("GET", path_of(ref, "blobs", layer.digest), Fault(ignore_range=True))
     assert b"".join(client().fetch_blob(ref, layer, 1_500_000)) == LAYER[1_500_000:]
+    robustness.record("hostile inputs")
 
 
-def test_redirected_blobs_do_not_carry_the_credentials(image: Image) -> None:
+def test_redirected_blobs_do_not_carry_the_credentials(image: Image, robustness: Any) -> None:
     ref, layer = image.ref, image.layer
     image.registry.credentials = {"alice": PASSWORD}
     with faulty_registry() as storage:
@@ -249,14 +263,16 @@ def test_redirected_blobs_do_not_carry_the_credentials(image: Image) -> None:
         data = b"".join(client(user=Credentials("alice", PASSWORD)).fetch_blob(ref, layer))
         assert data == LAYER
         assert [headers.get("Authorization") for _, _, headers in storage.requests] == [None]
+    robustness.record("hostile inputs")
 
 
-def test_retry_after_is_honoured(image: Image) -> None:
+def test_retry_after_is_honoured(image: Image, robustness: Any) -> None:
     ref = image.ref
     image.registry.fail("GET", path_of(ref, "manifests", "v1"), Fault(429, {"Retry-After": "1"}))
     started = time.monotonic()
     client().resolve(ref)
     assert time.monotonic() - started >= 0.9
+    robustness.record("faults injected")
 
 
 def test_one_client_serves_many_threads(image: Image) -> None:
@@ -269,7 +285,7 @@ def test_one_client_serves_many_threads(image: Image) -> None:
     assert results == [LAYER[offset:] for offset in range(0, 16_000, 1000)]
 
 
-def test_broken_connection_resumes_with_range(image: Image) -> None:
+def test_broken_connection_resumes_with_range(image: Image, robustness: Any) -> None:
     ref, layer = image.ref, image.layer
     faulty = image.registry
     path = path_of(ref, "blobs", layer.digest)
@@ -282,13 +298,15 @@ def test_broken_connection_resumes_with_range(image: Image) -> None:
     first = int(ranges[1].removeprefix("bytes=").rstrip("-"))
     second = int(ranges[2].removeprefix("bytes=").rstrip("-"))
     assert 0 < first <= 1_500_000 and first < second <= first + 700_000
+    robustness.record("faults injected")
 
 
-def test_a_connection_that_keeps_breaking_gives_up(image: Image) -> None:
+def test_a_connection_that_keeps_breaking_gives_up(image: Image, robustness: Any) -> None:
     ref, layer = image.ref, image.layer
     image.registry.fail("GET", path_of(ref, "blobs", layer.digest), *[Fault(cut_after=0)] * 5)
     with pytest.raises(Unavailable, match=r"connection broken at byte 0 .*gave up after 3 attempts"):
         list(client(retries=2).fetch_blob(ref, layer))
+    robustness.record("faults injected")
 
 
 @pytest.mark.parametrize(
@@ -300,9 +318,10 @@ def test_a_connection_that_keeps_breaking_gives_up(image: Image) -> None:
     ],
     ids=["truncated", "overlong", "overlong-undeclared"],
 )
-def test_blob_of_the_wrong_size(image: Image, fault: Fault, message: str | None) -> None:
+def test_blob_of_the_wrong_size(image: Image, fault: Fault, message: str | None, robustness: Any) -> None:
     ref, layer = image.ref, image.layer
     image.registry.fail("GET", path_of(ref, "blobs", layer.digest), fault)
+    robustness.record("hostile inputs")
     if message is None:  # the registry's Content-Length governs what is read; the caller's hash checks the rest
         assert b"".join(client().fetch_blob(ref, layer)) == LAYER
         return
@@ -310,12 +329,13 @@ def test_blob_of_the_wrong_size(image: Image, fault: Fault, message: str | None)
         list(client().fetch_blob(ref, layer))
 
 
-def test_blob_bytes_are_the_callers_to_verify(image: Image) -> None:
+def test_blob_bytes_are_the_callers_to_verify(image: Image, robustness: Any) -> None:
     ref, layer = image.ref, image.layer
     forged = bytes(b ^ 1 for b in LAYER[:10]) + LAYER[10:]
     image.registry.fail("GET", path_of(ref, "blobs", layer.digest), Fault(body=forged))
     data = b"".join(client().fetch_blob(ref, layer))
     assert Digest.from_bytes(data) != layer.digest
+    robustness.record("hostile inputs")
 
 
 # -- mirrors, plain http, TLS ------------------------------------------------------------------------------------
@@ -354,10 +374,11 @@ def test_tls_verified_against_the_system_or_the_configured_ca(tmp_path: Path) ->
         client(hosts=lambda host: HostConfig(ca_file="/nonexistent.pem")).resolve(ref)
 
 
-def test_tls_to_a_plain_http_registry_fails_clearly(image: Image) -> None:
+def test_tls_to_a_plain_http_registry_fails_clearly(image: Image, robustness: Any) -> None:
     ref = image.ref
     with pytest.raises(Unavailable, match=r"TLS failed .*ca_file or skip_verify"):
         client(hosts=lambda host: HostConfig()).resolve(ref)
+    robustness.record("faults injected")
 
 
 # -- auth ---------------------------------------------------------------------------------------------------------
@@ -412,7 +433,7 @@ def test_bearer_tokens_from_a_token_server(caplog: pytest.LogCaptureFixture) -> 
     assert_secret_hidden(str(info.value) + caplog.text)
 
 
-def test_wrong_credentials_on_a_stub_never_leak(caplog: pytest.LogCaptureFixture) -> None:
+def test_wrong_credentials_on_a_stub_never_leak(caplog: pytest.LogCaptureFixture, robustness: Any) -> None:
     caplog.set_level(logging.DEBUG)
     with faulty_registry({USER: "the-right-one"}) as faulty:
         with pytest.raises(Unauthenticated) as info:
@@ -421,6 +442,7 @@ def test_wrong_credentials_on_a_stub_never_leak(caplog: pytest.LogCaptureFixture
     assert sent[0] == "" and sent[1].startswith("Basic ")  # answered the challenge once, then gave up
     assert len(sent) == 2
     assert_secret_hidden(str(info.value) + caplog.text)
+    robustness.record("hostile inputs")
 
 
 # -- credential sources -------------------------------------------------------------------------------------------
@@ -456,12 +478,13 @@ def test_load_docker_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "text", ["[]", '{"auths": []}', '{"auths": {"h": {"auth": "bm9jb2xvbg=="}}}', '{"auths": {"h": {"auth": "!!"}}}']
 )
-def test_malformed_docker_config(tmp_path: Path, text: str) -> None:
+def test_malformed_docker_config(tmp_path: Path, text: str, robustness: Any) -> None:
     path = tmp_path / "config.json"
     path.write_text(text)
     with pytest.raises(InvalidArgument, match=f"docker config {path}: not a valid config.json") as info:
         load_docker_config(path)
     assert "bm9jb2xvbg" not in str(info.value)
+    robustness.record("hostile inputs")
 
 
 def test_save_docker_config_keeps_other_keys_and_is_private(tmp_path: Path) -> None:

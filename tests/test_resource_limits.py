@@ -84,7 +84,7 @@ def read_all(stub: pb_grpc.ContentStub, digest: str, size: int = 0) -> bytes:
 def assert_answers(daemon: RunningDaemon, digest: str) -> int:
     """Another client, on a connection of its own, gets every kind of answer within ANSWER_S: unary calls,
     a listing stream, a read, a whole write; and so do ``ckctl`` and ``ctr`` in processes of their own.
-    Returns how many calls it made."""
+    Returns how many calls that is."""
     with connection(daemon) as channel:
         content = pb_grpc.ContentStub(channel)
         assert version_pb2_grpc.VersionStub(channel).Version(empty_pb2.Empty(), timeout=ANSWER_S).version
@@ -150,8 +150,7 @@ def place(make_daemon: Any) -> Iterator[RunningDaemon]:
     daemon = make_daemon()
     yield daemon
     for container in daemon.ckctl("containers", "ls", "-q", namespace=NAMESPACE, check=False).stdout.split():
-        daemon.ckctl("tasks", "kill", "-s", "SIGKILL", container, namespace=NAMESPACE, check=False)
-        daemon.ckctl("tasks", "rm", container, namespace=NAMESPACE, check=False)
+        daemon.ckctl("tasks", "rm", "-f", container, namespace=NAMESPACE, check=False)
         daemon.ckctl("containers", "rm", container, namespace=NAMESPACE, check=False)
     remove_namespace_dirs(NAMESPACE)
 

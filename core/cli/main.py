@@ -7,48 +7,38 @@ Each command module (``version``, ``plugins``, ``namespaces``, ...) adds its sub
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
+from collections.abc import Sequence
 
-from core.cli import (
-    containers,
-    content,
-    events,
-    images,
-    leases,
-    login,
-    namespaces,
-    networks,
-    plugins,
-    run,
-    snapshots,
-    tasks,
-    version,
-    volumes,
-)
 from core.cli.client import Client, CliError
 from core.config import DEFAULT_ADDRESS
 
-COMMAND_MODULES = (
-    version,
-    plugins,
-    namespaces,
-    content,
-    images,
-    login,
-    leases,
-    snapshots,
-    containers,
-    tasks,
-    run,
-    networks,
-    volumes,
-    events,
-)
+COMMANDS: dict[str, tuple[str, ...]] = {
+    "version": ("version",),
+    "plugins": ("plugins",),
+    "namespaces": ("namespaces", "namespace", "ns"),
+    "content": ("content",),
+    "images": ("images", "image", "i"),
+    "login": ("login", "logout"),
+    "leases": ("leases", "lease"),
+    "snapshots": ("snapshots", "snapshot"),
+    "containers": ("containers", "container", "c"),
+    "tasks": ("tasks", "task", "t"),
+    "run": ("run",),
+    "networks": ("networks", "network", "net"),
+    "volumes": ("volumes", "volume"),
+    "events": ("events", "event"),
+}
+"""Each command module of :mod:`core.cli` (in help order) and the command names (aliases included) its
+``add_commands`` registers. Only the module a command line names is imported: a ckctl call does not pay
+for every other command's imports."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """ckctl's parser: with ``argv``, only the command it names (every command when it names none)."""
     parser = argparse.ArgumentParser(prog="ckctl", description="Administer containerkitd (ctr's verbs).")
     parser.add_argument(
         "--address",
@@ -63,13 +53,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="namespace to act in (env CONTAINERKIT_NAMESPACE; default %(default)s)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in COMMAND_MODULES:
-        module.add_commands(commands)
+    for module in _command_modules(argv):
+        importlib.import_module(f"core.cli.{module}").add_commands(commands)
     return parser
 
 
+def _command_modules(argv: Sequence[str] | None) -> list[str]:
+    """The module the command line's command belongs to, or every module (no argv, or no known command)."""
+    if argv is not None:
+        globals_only = argparse.ArgumentParser(add_help=False)
+        globals_only.add_argument("--address", "-a")
+        globals_only.add_argument("--namespace", "-n")
+        _, rest = globals_only.parse_known_args(argv)
+        if rest and not rest[0].startswith("-"):
+            for module, names in COMMANDS.items():
+                if rest[0] in names:
+                    return [module]
+    return list(COMMANDS)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     client = Client(args.address, args.namespace)
     try:
         code = int(args.handler(client, args) or 0)

@@ -27,7 +27,6 @@ import enum
 import errno
 import logging
 import os
-import shutil
 import stat
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
@@ -109,10 +108,12 @@ def scoped_path(root: str, rel: str, *, start: str = "") -> str:
     """``root`` joined with ``rel``, every symlink met resolved as if ``root`` were ``/`` (containerd's
     ``fs.RootPath``): the result is inside ``root``. Components that do not exist are kept as they are.
     ``start``, a path this function returned for ``root``, is where a relative ``rel`` begins (default:
-    the root). InvalidArgument after :data:`MAX_SYMLINKS` links (a loop)."""
+    the root). InvalidArgument after :data:`MAX_SYMLINKS` links (a loop). Below a missing component
+    nothing is looked up (so a deep missing path costs one lookup, not one per component)."""
     resolved = start[len(root) + 1 :].split("/") if len(start) > len(root) else []
     pending = rel.split("/")[::-1]
     links = 0
+    missing = -1  # index in ``resolved`` of the first component that does not exist, -1: none
     while pending:
         part = pending.pop()
         if part in ("", "."):
@@ -120,12 +121,17 @@ def scoped_path(root: str, rel: str, *, start: str = "") -> str:
         if part == "..":
             if resolved:
                 resolved.pop()
+            if len(resolved) <= missing:
+                missing = -1
             continue
         resolved.append(part)
+        if missing >= 0:
+            continue
         full = root + "/" + "/".join(resolved)
         try:
             mode = os.lstat(full).st_mode
         except FileNotFoundError:
+            missing = len(resolved) - 1
             continue
         if stat.S_ISLNK(mode):
             links += 1
@@ -162,10 +168,28 @@ def _remove_all(path: str) -> bool:
     except FileNotFoundError:
         return False
     if stat.S_ISDIR(mode):
-        shutil.rmtree(path)
+        _remove_tree(path)
         return True
     os.unlink(path)
     return stat.S_ISLNK(mode)
+
+
+def _remove_tree(top: str) -> None:
+    """Remove the directory tree ``top`` (symlinks in it are removed, never followed) without recursion:
+    a layer may nest directories deeper than Python's recursion limit, which ``shutil.rmtree`` hits."""
+    pending = [top]
+    while pending:
+        subdirectories = []
+        with os.scandir(pending[-1]) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    subdirectories.append(entry.path)
+                else:
+                    os.unlink(entry.path)
+        if subdirectories:
+            pending.extend(subdirectories)
+        else:
+            os.rmdir(pending.pop())
 
 
 def _bound(nanoseconds: int) -> int:
@@ -243,13 +267,15 @@ class _Extractor:
         return False
 
     def _clear_opaque(self, directory: str) -> None:
-        """Remove what this layer did not write from ``directory``, at any depth."""
-        with os.scandir(directory) as entries:
-            for child in entries:
-                if child.path not in self.unpacked:
-                    _remove_all(child.path)
-                elif child.is_dir(follow_symlinks=False):
-                    self._clear_opaque(child.path)
+        """Remove what this layer did not write from ``directory``, at any depth (without recursion)."""
+        pending = [directory]
+        while pending:
+            with os.scandir(pending.pop()) as entries:
+                for child in entries:
+                    if child.path not in self.unpacked:
+                        _remove_all(child.path)
+                    elif child.is_dir(follow_symlinks=False):
+                        pending.append(child.path)
 
     def _write_file(self, entry: TarEntry, path: str, reader: TarReader) -> None:
         try:
@@ -341,33 +367,39 @@ class _Extractor:
     # -- parents -------------------------------------------------------------------------------
 
     def _directory(self, rel: str) -> str:
-        """The resolved path of parent ``rel`` (``""``: the root), created with its parents if missing."""
-        if not rel:
-            return self.root
-        path = self.dirs.get(rel)
-        if path is None:  # resolved in the parent's resolution: one component to look at, not all
-            above, _, name = rel.rpartition("/")
-            path = scoped_path(self.root, name, start=self._directory(above))
+        """The resolved path of parent ``rel`` (``""``: the root), created with its parents if missing.
+
+        Each level not known yet is resolved in its parent's resolution (one component to look at, not
+        all), top down and without recursion: a layer's paths may be deeper than the recursion limit."""
+        unknown = []
+        while rel and rel not in self.dirs:
+            unknown.append(rel)
+            rel = rel.rpartition("/")[0]
+        path = self.dirs[rel] if rel else self.root
+        for level in reversed(unknown):
+            path = scoped_path(self.root, level.rpartition("/")[2], start=path)
             self._make_parents(path)
-            self.dirs[rel] = path
+            self.dirs[level] = path
         return path
 
     def _make_parents(self, path: str) -> None:
-        """containerd's mkparent: ``path`` (inside the root) must be a directory; create what is missing."""
-        try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            pass
-        else:
+        """containerd's mkparent: ``path`` (inside the root) must be a directory; create what is missing
+        (the nearest existing ancestor found without recursion)."""
+        missing = []
+        while path != self.root:
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                missing.append(path)
+                path = os.path.dirname(path)
+                continue
             if not stat.S_ISDIR(mode):
                 raise InvalidArgument(f"cannot extract into {path[len(self.root) :]!r}: it is not a directory")
-            return
-        above = os.path.dirname(path)
-        if above != self.root:
-            self._make_parents(above)
-        os.mkdir(path, 0o755)
-        os.chmod(path, 0o755)
-        self._copy_from_parents(path)
+            break
+        for directory in reversed(missing):
+            os.mkdir(directory, 0o755)
+            os.chmod(directory, 0o755)
+            self._copy_from_parents(directory)
 
     def _copy_from_parents(self, path: str) -> None:
         """Give a created directory the attributes of the same directory in the first parent that has it."""

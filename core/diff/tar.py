@@ -261,9 +261,10 @@ def _apply_pax(entry: TarEntry, pax: dict[str, bytes]) -> None:
         elif key == "linkpath":
             entry.linkname = value.decode("utf-8", "surrogateescape")
         elif key in ("size", "uid", "gid"):
-            if not value.isdigit():
-                raise InvalidArgument(f"invalid tar stream: PAX record {key}={value!r} is not a number")
-            setattr(entry, key, int(value))
+            number = _decimal(value)
+            if number is None:
+                raise InvalidArgument(f"invalid tar stream: PAX record {key}={value[:40]!r} is not a number")
+            setattr(entry, key, number)
         elif key == "mtime":
             entry.mtime = _pax_time(value)
         elif key == "atime":
@@ -332,12 +333,12 @@ def _pax_records(data: bytes) -> dict[str, bytes]:
     pos = 0
     while pos < len(data):
         space = data.find(b" ", pos)
-        length_text = data[pos:space]
-        if space < 0 or not length_text.isdigit():
+        length = _decimal(data[pos:space])
+        if space < 0 or length is None:
             if not data[pos:].strip(b"\0"):
                 break  # NUL padding after the records
             raise InvalidArgument("invalid tar stream: malformed PAX record")
-        end = pos + int(length_text)
+        end = pos + length
         record = data[space + 1 : end]
         key, equals, value = record[:-1].partition(b"=")
         if end > len(data) or not record.endswith(b"\n") or not equals or b"\0" in key:
@@ -352,8 +353,18 @@ def _pax_records(data: bytes) -> dict[str, bytes]:
 def _pax_time(value: bytes) -> int:
     """Nanoseconds of a PAX time (``[-]seconds[.fraction]``), fraction digits past nine dropped as Go does."""
     negative = value.startswith(b"-")
-    seconds, _, fraction = value.removeprefix(b"-").partition(b".")
-    if not seconds.isdigit() or (fraction and not fraction.isdigit()):
-        raise InvalidArgument(f"invalid tar stream: PAX time {value!r}")
-    nanos = int(seconds) * 1_000_000_000 + int((fraction + b"000000000")[:9])
+    text, _, fraction = value.removeprefix(b"-").partition(b".")
+    seconds = _decimal(text)
+    if seconds is None or (fraction and not fraction.isdigit()):
+        raise InvalidArgument(f"invalid tar stream: PAX time {value[:40]!r}")
+    nanos = seconds * 1_000_000_000 + int((fraction + b"000000000")[:9])
     return -nanos if negative else nanos
+
+
+def _decimal(text: bytes) -> int | None:
+    """The value of ASCII digits ``text`` when it fits an int64 (what Go's ParseInt accepts), else None
+    (also keeps hostile digit runs away from Python's int-from-text limit)."""
+    if not text.isdigit() or len(text) > 19:
+        return None
+    value = int(text)
+    return value if value < 1 << 63 else None

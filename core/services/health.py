@@ -37,7 +37,8 @@ class HealthService:
 
             def List(self, request: Any, context: grpc.ServicerContext) -> Any:
                 """The one service known here: the overall server (the empty name)."""
-                return health_pb2.HealthListResponse(statuses={"": self.Check(health_pb2.HealthCheckRequest(), context)})
+                overall = self.Check(health_pb2.HealthCheckRequest(), context)
+                return health_pb2.HealthListResponse(statuses={"": overall})
 
             def Watch(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 if request.service:
