@@ -119,13 +119,16 @@ def process_cpu_ms(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
-def pull_command(way: str, daemon: RunningDaemon, ref: str) -> None:
-    """Pull ``ref`` into ``daemon`` the ``way`` given; AssertionError (with stderr) when the client fails."""
+def pull_command(way: str, daemon: RunningDaemon, ref: str, env: dict[str, str] | None) -> None:
+    """Pull ``ref`` into ``daemon`` the ``way`` given (ckctl with the daemon's ``env``: its bytecode cache, as
+    an installed ckctl has one); AssertionError (with stderr) when the client fails."""
     if way != "ckctl":
         ctr(daemon, "images", "pull", "--plain-http", ref, namespace=NAMESPACE)
         return
     argv = [str(CKCTL), "-a", str(daemon.address), "-n", NAMESPACE, "images", "pull", "--plain-http", ref]
-    result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=CTR_TIMEOUT_S)
+    result = subprocess.run(
+        argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=CTR_TIMEOUT_S, env=env
+    )
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
 
@@ -142,7 +145,7 @@ def pull_once(way: str, ref: str, env: dict[str, str] | None, parent: str) -> tu
             raise RuntimeError(f"{way}: cannot reset the peak RSS of pid {daemon.pid}")
         cpu0, t0 = process_cpu_ms(daemon.pid), time.perf_counter()
         try:
-            pull_command(way, daemon, ref)
+            pull_command(way, daemon, ref, env)
             seconds, cpu = time.perf_counter() - t0, process_cpu_ms(daemon.pid) - cpu0
             peak = status_kb(daemon.pid, "VmHWM")["VmHWM"] / 1024
             snapshots = ctr(daemon, "snapshots", "ls", namespace=NAMESPACE).stdout.splitlines()[1:]

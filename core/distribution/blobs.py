@@ -8,7 +8,8 @@ Documents (indexes, manifests, configs, signature payloads) are read whole only 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
@@ -21,7 +22,16 @@ from core.metadata.images import LABEL_GC_REF_CONTENT, Image, ImageStore
 from core.metadata.leases import LABEL_GC_EXPIRE, LeaseStore
 from core.types import Descriptor, Platform
 
-__all__ = ["LEASE_EXPIRY", "gc_labels", "read_document", "save_image", "temporary_lease", "walk", "write_blob"]
+__all__ = [
+    "LEASE_EXPIRY",
+    "gc_labels",
+    "read_document",
+    "run_all",
+    "save_image",
+    "temporary_lease",
+    "walk",
+    "write_blob",
+]
 
 LEASE_EXPIRY = timedelta(hours=24)
 """How long a temporary lease protects its blobs should the process die before deleting it."""
@@ -140,3 +150,18 @@ def save_image(images: ImageStore, namespace: str, image: Image) -> Image:
         return images.create(namespace, image)
     except AlreadyExists:
         return images.update(namespace, image)
+
+
+def run_all(calls: Sequence[Callable[[], object]], workers: int, name: str) -> None:
+    """Run ``calls`` on at most ``workers`` threads named ``name``-N. The first error cancels the calls
+    not started yet and is raised once the started ones have ended."""
+    if not calls:
+        return
+    with ThreadPoolExecutor(min(workers, len(calls)), thread_name_prefix=name) as pool:
+        futures = [pool.submit(call) for call in calls]
+        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+    for future in futures:
+        if not future.cancelled():
+            future.result()

@@ -26,12 +26,12 @@ the fetched blobs and committed snapshots wait for a retry instead of the garbag
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -41,7 +41,7 @@ from core.content import Info, Writer
 from core.crashpoints import crashpoint
 from core.diff.apply import hand_over
 from core.digest import Digest
-from core.distribution.blobs import gc_labels, write_blob
+from core.distribution.blobs import gc_labels, run_all, write_blob
 from core.distribution.progress import Progress, ProgressFn, blob_ref
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from core.metadata.images import LABEL_GC_REF_CONTENT, Image
@@ -322,14 +322,7 @@ class _Pull:
         missing = [layer for layer in layers if layer.digest not in self.settled]
         if not missing:
             return
-        with ThreadPoolExecutor(min(self.options.workers, len(missing)), thread_name_prefix="pull") as pool:
-            futures = [pool.submit(self._download, layer) for layer in missing]
-            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            for future in pending:
-                future.cancel()
-            for future in futures:
-                if not future.cancelled():
-                    future.result()
+        run_all([functools.partial(self._download, layer) for layer in missing], self.options.workers, "pull")
 
     def _download(self, desc: Descriptor) -> None:
         """Fetch blob ``desc`` into content (resuming its ingest), unless the namespace has it."""

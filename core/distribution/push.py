@@ -11,16 +11,16 @@ local changes.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from core import oci
 from core.digest import Digest
-from core.distribution.blobs import read_document
+from core.distribution.blobs import read_document, run_all
 from core.distribution.progress import Progress, ProgressFn, blob_ref
 from core.distribution.pull import LABEL_DISTRIBUTION_SOURCE
 from core.distribution.reference import Reference
@@ -160,17 +160,11 @@ class Pusher:
         blobs = sorted(plan.blobs.values(), key=lambda item: item[1].size, reverse=True)
         for kind, desc in blobs:
             report(Progress(blob_ref(kind, desc.digest), kind, desc.digest, "waiting", 0, desc.size))
-        with ThreadPoolExecutor(min(self._workers, max(len(blobs), 1)), thread_name_prefix="push") as pool:
-            futures = [
-                pool.submit(self._send_blob, namespace, ref, client, kind, desc, report, chunk_size)
-                for kind, desc in blobs
-            ]
-            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            for future in pending:
-                future.cancel()
-        for future in futures:
-            if not future.cancelled():
-                future.result()
+        sends = [
+            functools.partial(self._send_blob, namespace, ref, client, kind, desc, report, chunk_size)
+            for kind, desc in blobs
+        ]
+        run_all(sends, self._workers, "push")
 
     def _send_blob(
         self,
