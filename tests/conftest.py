@@ -194,6 +194,25 @@ def robustness() -> Any:
     return TALLY
 
 
+def pytest_sessionfinish(session: Any) -> None:
+    """Under pytest-xdist, a worker hands its robustness tally to the controller."""
+    from robustness import TALLY
+
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["robustness"] = TALLY.counts()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist's controller: add a finished worker's robustness tally to the run's."""
+    from robustness import TALLY
+
+    counts = getattr(node, "workeroutput", {}).get("robustness")
+    if counts:
+        TALLY.merge(counts)
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Print the robustness tally (faults, hostile inputs, soak operations, leaks) at the end of the run."""
     from robustness import TALLY

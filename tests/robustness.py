@@ -38,6 +38,18 @@ class Tally:
             self.tried[category] += tried
             self.contained[category] += tried if contained is None else contained
 
+    def counts(self) -> dict[str, dict[str, int]]:
+        """The counts as plain data (what a pytest-xdist worker sends to the controller)."""
+        with self._lock:
+            return {"tried": dict(self.tried), "contained": dict(self.contained)}
+
+    def merge(self, counts: dict[str, dict[str, int]]) -> None:
+        """Add another tally's :meth:`counts` (a worker's, in the controller)."""
+        with self._lock:
+            for category in CATEGORIES:
+                self.tried[category] += counts["tried"].get(category, 0)
+                self.contained[category] += counts["contained"].get(category, 0)
+
     def lines(self) -> list[str]:
         """The table, one line per category, for the terminal summary."""
         rows = [("category", "tried", "contained")]
@@ -48,4 +60,4 @@ class Tally:
 
 
 TALLY = Tally()
-"""The run's tally (one per pytest process)."""
+"""The run's tally: one per pytest process; under pytest-xdist the workers' are merged into the controller's."""

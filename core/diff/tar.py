@@ -195,6 +195,8 @@ class TarReader:
             if flag in ("x", "g", "L", "K"):
                 if size > _MAX_SPECIAL:
                     raise InvalidArgument(f"invalid tar stream: a {flag!r} header of {size} bytes exceeds 1 MiB")
+                if size < 0:  # read as is, it would move the stream backwards: the same header forever
+                    raise InvalidArgument(f"invalid tar stream: a {flag!r} header of negative size {size}")
                 data = self._read(size)
                 if len(data) < size:
                     raise InvalidArgument("truncated tar stream: it ends inside a header")

@@ -29,7 +29,6 @@ import ipaddress
 import json
 import sqlite3
 import threading
-from contextlib import suppress
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ from plugins.net_bridge.netlink import (
     netlink_errors,
     netns_route,
     open_netns,
+    remove_link,
 )
 
 __all__ = ["DEFAULT_MTU", "MIGRATIONS", "VETH_PREFIX", "BridgeDriver", "bridge_name", "veth_name"]
@@ -181,7 +181,7 @@ class BridgeDriver(NetnsInterfaces, NetworkDriver):
                 try:
                     _make_bridge(ipr, network)
                 except BaseException:
-                    _remove_link(ipr, network.device)
+                    remove_link(ipr, network.device)
                     raise
         return network
 
@@ -196,7 +196,7 @@ class BridgeDriver(NetnsInterfaces, NetworkDriver):
                 )
             conn.execute("DELETE FROM networks WHERE namespace = ? AND name = ?", (record.namespace, record.name))
             self._allocator.drop(conn, _pool(record))
-            _remove_link(ipr, record.device)
+            remove_link(ipr, record.device)
 
     def networks(self) -> list[Network]:
         """Every network this driver made (their bridges are on the host: :meth:`__init__` restores them)."""
@@ -250,7 +250,7 @@ class BridgeDriver(NetnsInterfaces, NetworkDriver):
             found = _select_attachment(conn, record, container_id)
             host_ifname = found.host_ifname if found else veth_name(record.namespace, record.name, container_id)
             with host_route() as ipr:
-                _remove_link(ipr, host_ifname)
+                remove_link(ipr, host_ifname)
             self._forget(conn, record, container_id)
 
     def attachments(self, network: Network) -> list[Attachment]:
@@ -303,7 +303,7 @@ class BridgeDriver(NetnsInterfaces, NetworkDriver):
                 raise FailedPrecondition(
                     f"bridge {record.device} of network {record.name} vanished; restart to restore it"
                 )
-            _remove_link(host, attachment.host_ifname)  # a leftover of a crash, never recorded
+            remove_link(host, attachment.host_ifname)  # a leftover of a crash, never recorded
             try:
                 try:
                     host.link(
@@ -334,7 +334,7 @@ class BridgeDriver(NetnsInterfaces, NetworkDriver):
                     inner.link("set", index=_LOOPBACK_INDEX, state="up")
                     gateway = _add_default_route(inner, index, attachment.gateway)
             except BaseException:
-                _remove_link(host, attachment.host_ifname)
+                remove_link(host, attachment.host_ifname)
                 raise
         return dataclasses.replace(attachment, gateway=gateway)
 
@@ -354,7 +354,7 @@ class BridgeDriver(NetnsInterfaces, NetworkDriver):
             for link in ipr.get_links():
                 name = link.get_attr("IFLA_IFNAME")
                 if link.get_attr("IFLA_MASTER") in bridges and name.startswith(VETH_PREFIX) and name not in known:
-                    _remove_link(ipr, name)
+                    remove_link(ipr, name)
 
 
 def _hex(text: str, digits: int) -> str:
@@ -448,14 +448,6 @@ def _add_default_route(ipr: IPRoute, index: int, gateway: str) -> str:
             raise
         return ""
     return gateway
-
-
-def _remove_link(ipr: IPRoute, ifname: str) -> None:
-    """Delete the host interface ``ifname``; nothing when there is none."""
-    index = find_index(ifname)
-    if index is not None:
-        with suppress(NotFound), netlink_errors(f"removing {ifname}"):
-            ipr.link("del", index=index)
 
 
 def _network_of(row: tuple[Any, ...]) -> Network:

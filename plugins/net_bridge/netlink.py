@@ -17,7 +17,7 @@ import ipaddress
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from pyroute2 import IPRoute, NetlinkError
 from pyroute2 import netns as pyroute2_netns
@@ -185,6 +185,14 @@ def find_index(ifname: str, netns: tuple[str, int] | None = None) -> int | None:
         if exc.errno in (None, errno.ENODEV):  # if_nametoindex's "no interface with this name" has no errno
             return None
         raise
+
+
+def remove_link(ipr: IPRoute, ifname: str) -> None:
+    """Delete the host interface ``ifname``; nothing when there is none."""
+    index = find_index(ifname)
+    if index is not None:
+        with suppress(NotFound), netlink_errors(f"removing {ifname}"):
+            ipr.link("del", index=index)
 
 
 def index_of(ifname: str, netns: tuple[str, int] | None = None) -> int:

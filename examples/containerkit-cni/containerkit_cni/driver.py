@@ -49,6 +49,7 @@ from plugins.net_bridge.netlink import (
     find_index,
     host_route,
     netlink_errors,
+    remove_link,
 )
 
 __all__ = ["CNI_PLUGINS", "CniDriver"]
@@ -259,6 +260,9 @@ class CniDriver(NetnsInterfaces, NetworkDriver):
             return
         netns = attachment.netns_path if os.path.exists(attachment.netns_path) else ""
         _Call(self.bin_dir, container_id, netns, attachment.ifname).run("bridge", "DEL", self._plugin_conf(network))
+        if not netns:  # the kernel tears a vanished netns's veth pair down in its own time: do it now
+            with host_route() as ipr:
+                remove_link(ipr, attachment.host_ifname)
         path.unlink()
 
     def _wanted(self, network: Network, address: str) -> str:
