@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shutil
 import sqlite3
 import subprocess
 import tempfile
@@ -38,6 +37,7 @@ from typing import Any
 
 from core import filters as filter_language
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from core.files import remove_tree
 from core.labels import merge_label_paths, validate_labels
 from core.metadata.store import MetadataStore, Migration, from_ns
 from core.plugin import SkipPlugin
@@ -437,9 +437,4 @@ def _fields(info: Info) -> dict[str, Any]:
 
 def _remove_tree(path: Path) -> None:
     """Delete a snapshot directory for good; failures are logged (the record is already gone or never was)."""
-
-    def report(function: Any, failed: str, exc_info: Any) -> None:
-        if not isinstance(exc_info[1], FileNotFoundError):
-            log.warning("removing %s: %s failed on %s: %s", path, function.__name__, failed, exc_info[1])
-
-    shutil.rmtree(path, onerror=report)
+    remove_tree(path, lambda failed, error: log.warning("removing %s: failed on %s: %s", path, failed, error))

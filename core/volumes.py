@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Any
 from core import identifiers
 from core.crashpoints import crashpoint
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from core.files import remove_tree
 from core.labels import validate_labels
 from core.metadata.containers import ContainerStore
 from core.metadata.namespaces import NamespaceStore
@@ -284,6 +284,4 @@ def _subdirectories(directory: Path) -> list[Path]:
 def _remove_tree(directory: Path) -> None:
     """Remove ``directory`` and everything in it (nothing when absent); failures are logged, not raised
     (the record is gone already: the directory is a leftover that :meth:`VolumeStore.prune` retries)."""
-    if not directory.exists():
-        return
-    shutil.rmtree(directory, onerror=lambda _function, path, info: log.warning("removing %s: %s", path, info[1]))
+    remove_tree(directory, lambda path, error: log.warning("removing %s: %s", path, error))

@@ -314,8 +314,9 @@ def test_ids_are_never_reused(sn: PlainSnapshotter) -> None:
 
 CRASHING_CHILD = textwrap.dedent(
     """
-    import os, shutil, sys
+    import os, sys
     sys.path.insert(0, {repo!r})
+    import core.snapshot_storage
     from core.snapshot_storage import DirectorySnapshotter
     from core.types import Mount
 
@@ -325,18 +326,18 @@ CRASHING_CHILD = textwrap.dedent(
 
     sn = Plain({root!r})
     where, action = {where!r}, {action!r}
-    real_rename, real_rmtree = os.rename, shutil.rmtree
+    real_rename = os.rename
 
     def crash_rename(src, dst):
         if where == "after-rename":
             real_rename(src, dst)
         os._exit(86)
 
-    def crash_rmtree(path, *args, **kwargs):
+    def crash_remove_tree(path, *args, **kwargs):
         os._exit(86)
 
     os.rename = crash_rename
-    shutil.rmtree = crash_rmtree
+    core.snapshot_storage.remove_tree = crash_remove_tree
     if action == "prepare":
         sn.prepare("victim", "base")
     else:

@@ -43,6 +43,7 @@ from core.diff.tar import (
     TarReader,
 )
 from core.errors import InvalidArgument
+from core.files import remove_tree
 
 __all__ = [
     "OVERLAY_OPAQUE_XATTR",
@@ -168,28 +169,10 @@ def _remove_all(path: str) -> bool:
     except FileNotFoundError:
         return False
     if stat.S_ISDIR(mode):
-        _remove_tree(path)
+        remove_tree(path)
         return True
     os.unlink(path)
     return stat.S_ISLNK(mode)
-
-
-def _remove_tree(top: str) -> None:
-    """Remove the directory tree ``top`` (symlinks in it are removed, never followed) without recursion:
-    a layer may nest directories deeper than Python's recursion limit, which ``shutil.rmtree`` hits."""
-    pending = [top]
-    while pending:
-        subdirectories = []
-        with os.scandir(pending[-1]) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    subdirectories.append(entry.path)
-                else:
-                    os.unlink(entry.path)
-        if subdirectories:
-            pending.extend(subdirectories)
-        else:
-            os.rmdir(pending.pop())
 
 
 def _bound(nanoseconds: int) -> int:
