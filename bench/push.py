@@ -164,7 +164,7 @@ def prepare(subjects: set[str], refs: dict[str, tuple[str, int]], env: dict[str,
         for ref, _ in refs.values():
             t0 = time.perf_counter()
             try:
-                pull_command("ckctl" if subject == "containerkit" else "containerd", daemon, ref)
+                pull_command("ckctl" if subject == "containerkit" else "containerd", daemon, ref, env)
             except AssertionError as err:
                 raise RuntimeError(f"{subject}: {err}") from None
             print(f"pulled {ref} into {subject} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
