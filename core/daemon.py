@@ -8,6 +8,7 @@ let in-flight ones finish, close plugins in reverse order, remove the socket, ex
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import fcntl
 import logging
 import os
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # as containerd: SIGUSR1 dumps every stack to stderr
     daemon = Daemon(config)
     try:
         daemon.start()

@@ -88,7 +88,8 @@ class RunningDaemon:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        """Signal the daemon by pid and wait for it; returns its exit code."""
+        """Signal the daemon by pid and wait for it; returns its exit code. A daemon still running after
+        ``timeout`` has its thread stacks dumped into its log (SIGUSR1) before it is killed (-9)."""
         if self.process is None:
             return 0
         if self.process.poll() is None:
@@ -96,6 +97,8 @@ class RunningDaemon:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
+                self.process.send_signal(signal.SIGUSR1)
+                time.sleep(1)
                 self.process.kill()
                 self.process.wait()
         code = self.process.returncode
