@@ -684,17 +684,22 @@ class Shim:
     def do_resize(self, params: dict[str, Any]) -> dict[str, Any]:
         """Set the size of the process's terminal. Without one (never had, or closed at its exit) a no-op
         for the init process, as containerd's, and FailedPrecondition for an exec process."""
+        import errno
         import fcntl
         import struct
         import termios
 
         proc = self.process(params)
-        if proc.console < 0:
-            if not proc.exec_id:
-                return {}
-            raise ShimError("FailedPrecondition", f"process {proc.exec_id} has no terminal")
         size = struct.pack("HHHH", int(params.get("height") or 0), int(params.get("width") or 0), 0, 0)
-        fcntl.ioctl(proc.console, termios.TIOCSWINSZ, size)
+        try:
+            if proc.console < 0:
+                raise OSError(errno.EBADF, "no terminal")
+            fcntl.ioctl(proc.console, termios.TIOCSWINSZ, size)
+        except OSError as err:  # also a terminal closed at the process's exit while this call ran
+            if err.errno not in (errno.EBADF, errno.EIO, errno.ENOTTY):
+                raise
+            if proc.exec_id:
+                raise ShimError("FailedPrecondition", f"process {proc.exec_id} has no terminal") from None
         return {}
 
     def do_close_io(self, params: dict[str, Any]) -> dict[str, Any]:
