@@ -79,7 +79,10 @@ def serve(fd: int) -> None:
     capacity = end - start if ctypes.string_at(start, end - start) == expected else 0
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the short-lived middle children
     gc.freeze()  # what is loaded now is never collected: the shims leave those pages shared
-    control.send(f"ok {capacity}".encode())
+    try:
+        control.send(f"ok {capacity}".encode())
+    except OSError:
+        return  # the daemon stopped (or gave up on us) before this zygote was ready: nothing to serve
     spare = _fork_spare(control, (start, end), shim)
     while True:
         try:
