@@ -6,6 +6,7 @@ Every test deletes its tasks; the fixtures stop any shim left by its pid, unmoun
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -597,6 +598,28 @@ def test_forked_shim_is_detached_and_found_by_its_bundle(harness: Harness) -> No
     while alive(spares[0]) and time.monotonic() < deadline:
         time.sleep(0.02)  # the spare leaves once the daemon's end of their socket is closed
     assert not alive(spares[0])
+
+
+@needs_real
+def test_request_lost_with_a_dying_spare_is_sent_again(harness: Harness) -> None:
+    """A request handed to a spare that dies before taking it (it closes the ready pipe without a word) goes
+    to the next spare: the task starts, nothing is reported as a shim that exited before serving."""
+    fork_server = harness.runtime.fork_server
+    harness.create("warm", "true").delete()
+    zygote = fork_server.pid
+    [stopped] = spares_of(zygote)
+    os.kill(stopped, signal.SIGSTOP)  # the request waits in its socket, untaken
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        creating = pool.submit(harness.create, "lost", "true")
+        deadline = time.monotonic() + 10
+        while stopped in (found := spares_of(zygote)) and len(found) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the zygote forks the next spare once it has passed the request on
+        os.kill(stopped, signal.SIGKILL)
+        task = creating.result(timeout=30)
+    assert task.start() > 0
+    assert task.wait(timeout=10).exit_status == 0
+    task.delete()
+    harness.assert_clean()
 
 
 @needs_real

@@ -18,8 +18,9 @@ zygote passes it the next request and forks the next spare at once (in a burst, 
 still setting up, in parallel). The spare takes the daemon's umask, shows ``title`` as its
 ``/proc/PID/cmdline`` (written over the zygote's padded one, so it is found by its bundle as a spawned
 shim is) and runs :func:`shim.serve_forked`, which writes its pid and a newline to the pipe once its
-socket listens; the pipe closes without a line if it fails first. The zygote exits when the daemon's
-end closes (the daemon stopped or died), and its spare with it.
+socket listens; the pipe closes without a line if it fails first. The spare writes :data:`TAKEN` to the pipe
+before anything else, so a request lost with a spare that died meanwhile is told from a shim that failed.
+The zygote exits when the daemon's end closes (the daemon stopped or died), and its spare with it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ _RETRY_AFTER = 30.0
 """Seconds after a zygote failed to start before another is tried (shims are spawned meanwhile)."""
 _CLOSE_TIMEOUT = 2.0
 _SEND_TIMEOUT = 5.0
+TAKEN = b"+"
+"""What a spare writes to the ready pipe first, on taking a request: a pipe that closes without it means
+the spare (or the zygote) died before, and nothing was started."""
 
 
 class Unusable(Exception):
@@ -145,6 +149,7 @@ def _spare(channel: int, zygote: int, area: tuple[int, int], shim: object) -> No
             os._exit(0)  # the zygote has gone
         ready = fds[0]
         os.set_inheritable(ready, False)
+        os.write(ready, TAKEN)
         request = json.loads(message)
         os.umask(request["umask"])
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
@@ -213,15 +218,16 @@ class ForkServer:
 
     def spawn(self, argv: Sequence[str], title: Sequence[str], log: str, timeout: float) -> int:
         """Fork a shim running ``shim.serve_forked(argv)``, shown as ``title``, its output in ``log``; return
-        its pid once its socket listens, 0 if it died before. Raises :class:`Unusable` when the zygote cannot
-        (then nothing was started; a zygote found dead is replaced once) and TimeoutError after ``timeout``."""
+        its pid once its socket listens, 0 if it took the request and died before. A request no spare took (the
+        spare or the zygote died first; a dead zygote is replaced) is sent once more. Raises :class:`Unusable`
+        when the zygote cannot (then nothing was started) and TimeoutError after ``timeout``."""
         request = {"argv": list(argv), "title": list(title), "log": log, "umask": self._umask}
         message = json.dumps(request).encode()
         for _ in range(2):
             ready_r, ready_w = os.pipe()
             try:
                 with self._lock:
-                    process = self._send(message, ready_w, title_size(title))
+                    self._send(message, ready_w, title_size(title))
                 os.close(ready_w)
                 ready_w = -1
                 line = _read_line(ready_r, timeout)
@@ -229,11 +235,10 @@ class ForkServer:
                 os.close(ready_r)
                 if ready_w >= 0:
                     os.close(ready_w)
-            if line.startswith(b"error:"):
-                raise Unusable(f"shim zygote: {line[6:].decode(errors='replace').strip()}")
-            if line or not _ended(process):
-                return int(line) if line else 0
-        raise Unusable("the shim zygote died twice")
+            if line.startswith(TAKEN):
+                pid = line.removeprefix(TAKEN).strip()
+                return int(pid) if pid else 0
+        raise Unusable("the shim zygote lost the request twice")
 
     def close(self) -> None:
         """Stop the zygote (its shims run on). Idempotent."""
@@ -243,8 +248,8 @@ class ForkServer:
 
     # -- internals -----------------------------------------------------------------------------------------
 
-    def _send(self, message: bytes, ready: int, size: int) -> subprocess.Popen[bytes]:
-        """Send a request (under the lock), starting the zygote first if need be; the zygote it went to."""
+    def _send(self, message: bytes, ready: int, size: int) -> None:
+        """Send a request (under the lock), starting the zygote first if need be."""
         for attempt in range(2):
             if self._process is None or self._process.poll() is not None:
                 if self._closed or time.monotonic() - self._failed_at < _RETRY_AFTER:
@@ -257,7 +262,7 @@ class ForkServer:
                 raise Unusable(f"a shim command line of {size} bytes does not fit ({self._capacity})")
             try:
                 socket.send_fds(self._control, [message], [ready])
-                return self._process
+                return
             except OSError:  # also a timeout: a zygote that takes no requests is as good as dead
                 self._stop()  # it died since the last request: one new one is tried
                 if attempt:
@@ -340,14 +345,3 @@ def _read_line(fd: int, timeout: float) -> bytes:
             return b""
         data += chunk
     return data
-
-
-def _ended(process: subprocess.Popen[bytes]) -> bool:
-    """Whether ``process`` exits within a moment (a pipe closed by a dying zygote, not by its shim)."""
-    import subprocess
-
-    try:
-        process.wait(0.1)
-    except subprocess.TimeoutExpired:
-        return False
-    return True
