@@ -87,11 +87,13 @@ class Daemon:
         self._serve(records)
 
     def _check_address(self) -> None:
-        if len(os.fsencode(self.address)) > SOCKET_PATH_MAX:
-            raise StartupError(
-                f"socket path {self.address} is {len(os.fsencode(self.address))} bytes; unix sockets allow at most "
-                f"{SOCKET_PATH_MAX}: choose a shorter --address"
-            )
+        paths = [self.address] if self.config.grpc.gid == 0 else [self.address, self._staging_address()]
+        for path in paths:  # the staging name is bound too
+            if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+                raise StartupError(
+                    f"socket path {path} is {len(os.fsencode(path))} bytes; unix sockets allow at most "
+                    f"{SOCKET_PATH_MAX}: choose a shorter --address"
+                )
 
     def _lock_root(self) -> None:
         lock_path = self.root / "containerkitd.lock"
@@ -135,18 +137,30 @@ class Daemon:
                 except Exception as err:
                     record.status, record.reason = Status.ERROR, f"registering the service failed: {err}"
                     log.error("service %s failed to register", record.name, exc_info=True)
+        self._listen(server)
+        server.start()
+        self._server = server
+        log.info("containerkitd %s serving on %s", __version__, self.address, extra={"root": str(self.root)})
+
+    def _listen(self, server: Any) -> None:
+        """Bind ``server`` to the socket, 0660 and root:``[grpc] gid`` from the first moment anyone can
+        connect: with another group it is bound under a staging name, given its group, then renamed into place."""
         _make_dir(self.address.parent, "socket directory")
+        gid = self.config.grpc.gid
+        staging = self.address if gid == 0 else self._staging_address()
         previous_umask = os.umask(0o117)  # the socket is born 0660, never briefly wider
         try:
-            server.add_insecure_port(f"unix:{self.address}")
+            server.add_insecure_port(f"unix:{staging}")
         except RuntimeError as err:
             raise StartupError(f"cannot listen on {self.address}: {err}") from None
         finally:
             os.umask(previous_umask)
-        os.chown(self.address, 0, self.config.grpc.gid)
-        server.start()
-        self._server = server
-        log.info("containerkitd %s serving on %s", __version__, self.address, extra={"root": str(self.root)})
+        if staging != self.address:
+            os.chown(staging, 0, gid)
+            staging.rename(self.address)
+
+    def _staging_address(self) -> Path:
+        return self.address.with_name(f".containerkitd-{os.getpid()}")
 
     def stop(self) -> None:
         """Stop serving (in-flight calls get a grace period), close plugins and the store, unlock."""

@@ -111,9 +111,14 @@ def test_socket_is_0660_and_owned_by_root(daemon: Any) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another group needs root")
 def test_socket_group_comes_from_grpc_gid(make_daemon: Any) -> None:
+    """The socket has its group from the moment it accepts connections (it is bound under a staging name,
+    given its group, then renamed into place; no staging name is left)."""
     daemon = make_daemon("[grpc]\ngid = 100\n")
     info = os.stat(daemon.address)
     assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 100, 0o660)
+    assert not [path for path in Path(daemon.address).parent.iterdir() if path.name.startswith(".containerkitd-")]
+    daemon.stop()
+    assert not os.path.exists(daemon.address)
 
 
 def test_second_daemon_on_same_root_exits_at_once(make_daemon: Any) -> None:
