@@ -345,7 +345,7 @@ def test_socket_nobody_listens_on_is_one_line_error_naming_it(tmp_path: Path) ->
 
 
 def test_stopped_daemon_is_one_line_error(daemon: Any) -> None:
-    assert daemon.stop() == 0, daemon.log()
+    assert daemon.stop() == 0, daemon.log
     for command in (("version",), ("plugins", "ls"), ("namespaces", "ls", "--json"), ("namespaces", "create", "x")):
         line = one_line_error(daemon.ckctl(*command, check=False))
         assert line.startswith(f"ckctl: cannot reach containerkitd at {daemon.address}: ")

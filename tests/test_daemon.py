@@ -213,9 +213,11 @@ def test_sigterm_under_concurrent_load_every_call_succeeds_or_is_refused(daemon:
 
     outcomes: collections.Counter[str] = collections.Counter()
     details: set[str] = set()
+    timings: list[str] = []  # for a failure: when each refused call started (to SIGTERM) and how long it took
     lock = threading.Lock()
     daemon_gone = threading.Event()
     all_connected = threading.Barrier(21)
+    signalled = [0.0]
 
     def hammer() -> None:
         with grpc.insecure_channel(f"unix:{daemon.address}") as channel:
@@ -224,6 +226,7 @@ def test_sigterm_under_concurrent_load_every_call_succeeds_or_is_refused(daemon:
             all_connected.wait(30)
             calls_after_exit = 0
             while calls_after_exit < 3:
+                started = time.monotonic()
                 try:
                     stub.Version(empty_pb2.Empty(), timeout=10)
                     outcome = "ok"
@@ -231,6 +234,8 @@ def test_sigterm_under_concurrent_load_every_call_succeeds_or_is_refused(daemon:
                     outcome = err.code().name
                     with lock:
                         details.add(f"{outcome}: {err.details()}")
+                        took = time.monotonic() - started
+                        timings.append(f"{outcome} at {started - signalled[0]:+.2f}s took {took:.2f}s")
                 with lock:
                     outcomes[outcome] += 1
                 if daemon_gone.is_set():
@@ -241,13 +246,19 @@ def test_sigterm_under_concurrent_load_every_call_succeeds_or_is_refused(daemon:
         thread.start()
     all_connected.wait(30)
     time.sleep(0.3)
+    signalled[0] = time.monotonic()
     assert daemon.stop(signal.SIGTERM) == 0, daemon.log
+    stopped_after = time.monotonic() - signalled[0]
     daemon_gone.set()
     for thread in threads:
         thread.join(30)
     assert not any(thread.is_alive() for thread in threads), "a call hung across the shutdown"
     assert outcomes["ok"] > 0 and outcomes["UNAVAILABLE"] > 0, outcomes
-    assert set(outcomes) <= {"ok", "UNAVAILABLE", "CANCELLED"}, sorted(details)  # no DEADLINE_EXCEEDED, no UNKNOWN
+    slowest = sorted(timings, key=lambda line: -float(line.rsplit(" ", 1)[1][:-1]))[:10]
+    assert set(outcomes) <= {"ok", "UNAVAILABLE", "CANCELLED"}, (  # no DEADLINE_EXCEEDED, no UNKNOWN
+        f"{sorted(details)}\nthe daemon exited {stopped_after:.2f}s after SIGTERM; slowest refusals: {slowest}\n"
+        f"{daemon.log}"
+    )
     assert not os.path.exists(daemon.address)
 
 
