@@ -8,6 +8,7 @@ let in-flight ones finish, close plugins in reverse order, remove the socket, ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import fcntl
 import logging
@@ -19,7 +20,7 @@ import stat
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from core import __version__, logs
 from core.config import LOG_LEVELS, Config, ConfigError, load_config
@@ -261,7 +262,18 @@ def main(argv: list[str] | None = None) -> int:
         pass
     daemon.stop()
     log.info("containerkitd stopped")
-    return 0
+    _exit_at_once(0)
+
+
+def _exit_at_once(code: int) -> NoReturn:
+    """Exit once :meth:`Daemon.stop` has released everything: without waiting for threads it does not own (a
+    handler of a call cancelled at the end of the grace period that has not noticed yet) and without tearing
+    down the heap (about half a second of garbage collection), so a stop is bounded and quick."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
