@@ -20,6 +20,7 @@ import re
 import shutil
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -202,14 +203,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up between requests (the client under test giving up, retrying) is no error."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 def _serve(behaviour: Any, tls: ssl.SSLContext | None = None) -> http.server.ThreadingHTTPServer:
     """A threading HTTP server (HTTPS with ``tls``) on a free port of 127.0.0.1 answering every request with
     ``behaviour(handler)``."""
     handler = type("Handler", (_Handler,), {"behaviour": staticmethod(behaviour)})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _Server(("127.0.0.1", 0), handler)
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
-    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     return server
 

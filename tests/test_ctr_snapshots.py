@@ -80,9 +80,10 @@ def transcript(daemon: Any) -> list[tuple[str, int, str, str]]:
     return lines
 
 
-QUIET_GC = "[plugins.gc.scheduler]\ndelay_after_delete_seconds = 60.0\n"
+QUIET_GC = "[plugins.gc.scheduler]\ndelay_after_delete_seconds = 60.0\nstartup_delay_seconds = 60.0\n"
 """The session's views live unlabelled for a moment (view, then label), as they would in containerd: a collection
-0.1 s after the session's commits could take one in between on a loaded host, so ours waits a minute."""
+0.1 s after the session's commits, or the one 1 s after the daemon started, could take one in between on a
+loaded host, so ours waits a minute for both."""
 
 
 def test_ctr_snapshots_session_matches_containerd(make_daemon: Any, containerd: Any) -> None:
