@@ -22,6 +22,7 @@ from core.content import Info
 from core.diff import LABEL_UNCOMPRESSED
 from core.diff.apply import apply_layer, direct_target
 from core.diff.archive import Whiteouts
+from core.diff.changes import double_walk, walk
 from core.diff.compression import Compression, decompress
 from core.diff.walking import WalkingDiffer
 from core.diff.writer import write_diff
@@ -321,6 +322,25 @@ def test_compare_against_nothing_adds_everything(tmp_path: Path) -> None:
     copy.mkdir()
     apply_layer(chunked(out.getvalue()), TAR, bind(copy))
     assert fingerprint(copy) == fingerprint(tree)
+
+
+def test_compare_walks_a_tree_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
+    """A layer may nest directories as deep as paths allow (1500 levels here, > sys.getrecursionlimit()):
+    comparing two such trees finds the one change at the bottom."""
+    depth = 1500
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    for tree in (lower, upper):
+        bottom = tree
+        bottom.mkdir()
+        for _ in range(depth):  # not mkdir(parents=True) nor os.makedirs: both recurse per level
+            bottom = bottom / "d"
+            bottom.mkdir()
+        (bottom / "file").write_text("same")
+    upper.joinpath(*["d"] * depth, "file").write_text("new!")
+    changes = [(change.kind.value, change.path) for change in double_walk(str(lower), str(upper))]
+    bottom_path = "/".join(["d"] * depth)
+    assert ("modify", f"{bottom_path}/file") in changes
+    assert len(list(walk(str(upper)))) == depth + 1
 
 
 # -- the walking differ over a content store -----------------------------------------------------------

@@ -54,19 +54,26 @@ class NotDescribedByUpper(Exception):
 
 
 def walk(root: str) -> Iterator[tuple[str, os.stat_result]]:
-    """``(relative path, lstat)`` of everything under ``root`` (not ``root`` itself), in walk order."""
-    return _walk(root, "")
+    """``(relative path, lstat)`` of everything under ``root`` (not ``root`` itself), in walk order. Iterative:
+    a tree as deep as paths allow does not exhaust Python's recursion limit."""
+    pending = [_listing(root, "")]  # one iterator per directory being walked, innermost last
+    while pending:
+        found = next(pending[-1], None)
+        if found is None:
+            pending.pop()
+            continue
+        yield found
+        path, info = found
+        if stat.S_ISDIR(info.st_mode):
+            pending.append(_listing(root, path))
 
 
-def _walk(root: str, rel: str) -> Iterator[tuple[str, os.stat_result]]:
+def _listing(root: str, rel: str) -> Iterator[tuple[str, os.stat_result]]:
+    """The entries of directory ``rel`` under ``root``, names sorted bytewise, each with its lstat."""
     with os.scandir(f"{root}/{rel}" if rel else root) as found:
         entries = sorted(found, key=lambda entry: os.fsencode(entry.name))
     for entry in entries:
-        path = f"{rel}/{entry.name}" if rel else entry.name
-        info = entry.stat(follow_symlinks=False)
-        yield path, info
-        if stat.S_ISDIR(info.st_mode):
-            yield from _walk(root, path)
+        yield (f"{rel}/{entry.name}" if rel else entry.name), entry.stat(follow_symlinks=False)
 
 
 def double_walk(lower: str, upper: str) -> Iterator[Change]:
