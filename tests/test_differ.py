@@ -28,6 +28,7 @@ from core.diff.walking import WalkingDiffer
 from core.diff.writer import write_diff
 from core.digest import Digest
 from core.errors import FailedPrecondition, InvalidArgument, NotFound, NotImplementedByPlugin
+from core.files import remove_tree
 from core.metadata import MetadataStore
 from core.metadata.content import ContentMetadata
 from core.mount import temp_mount
@@ -329,18 +330,22 @@ def test_compare_walks_a_tree_deeper_than_the_recursion_limit(tmp_path: Path) ->
     comparing two such trees finds the one change at the bottom."""
     depth = 1500
     lower, upper = tmp_path / "lower", tmp_path / "upper"
-    for tree in (lower, upper):
-        bottom = tree
-        bottom.mkdir()
-        for _ in range(depth):  # not mkdir(parents=True) nor os.makedirs: both recurse per level
-            bottom = bottom / "d"
+    try:
+        for tree in (lower, upper):
+            bottom = tree
             bottom.mkdir()
-        (bottom / "file").write_text("same")
-    upper.joinpath(*["d"] * depth, "file").write_text("new!")
-    changes = [(change.kind.value, change.path) for change in double_walk(str(lower), str(upper))]
-    bottom_path = "/".join(["d"] * depth)
-    assert ("modify", f"{bottom_path}/file") in changes
-    assert len(list(walk(str(upper)))) == depth + 1
+            for _ in range(depth):  # not mkdir(parents=True) nor os.makedirs: both recurse per level
+                bottom = bottom / "d"
+                bottom.mkdir()
+            (bottom / "file").write_text("same")
+        upper.joinpath(*["d"] * depth, "file").write_text("new!")
+        changes = [(change.kind.value, change.path) for change in double_walk(str(lower), str(upper))]
+        bottom_path = "/".join(["d"] * depth)
+        assert ("modify", f"{bottom_path}/file") in changes
+        assert len(list(walk(str(upper)))) == depth + 1
+    finally:
+        for tree in (lower, upper):  # pytest's clean-up (shutil.rmtree) recurses per level
+            remove_tree(tree)
 
 
 # -- the walking differ over a content store -----------------------------------------------------------
