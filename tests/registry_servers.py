@@ -17,6 +17,7 @@ import http.server
 import ipaddress
 import json
 import re
+import select
 import shutil
 import ssl
 import subprocess
@@ -256,7 +257,9 @@ class Fault:
     """How to spoil one answer: ``status`` instead of the real one (with ``headers``); ``body`` served instead
     of the stored bytes; ``length`` claimed as Content-Length; ``cut_after`` bytes sent, then the connection
     closed (for an upload request: done, then closed without an answer); ``endless``: a chunked body that
-    never ends (until the client hangs up); ``ignore_range``: the whole blob, as a registry without Range."""
+    never ends (until the client hangs up); ``stall``: the headers, then no byte of the body for that many
+    seconds (or until the client hangs up), then the connection closed; ``ignore_range``: the whole blob, as a
+    registry without Range."""
 
     status: int = 0
     headers: Mapping[str, str] = field(default_factory=dict)
@@ -264,6 +267,7 @@ class Fault:
     length: int | None = None
     cut_after: int | None = None
     endless: bool = False
+    stall: float = 0.0
     ignore_range: bool = False
 
 
@@ -405,6 +409,11 @@ class FaultyRegistry:
         handler.send_header("Content-Length", str(fault.length if fault.length is not None else len(data)))
         handler.end_headers()
         if handler.command == "HEAD":
+            return
+        if fault.stall:
+            handler.wfile.flush()
+            select.select([handler.connection], [], [], fault.stall)  # readable: the client hung up
+            handler.close_connection = True
             return
         if fault.cut_after is not None:
             handler.wfile.write(data[: fault.cut_after])
