@@ -28,7 +28,10 @@ from dataclasses import dataclass, field
 
 from core.errors import NotImplementedByPlugin
 
-__all__ = ["Attachment", "Interface", "Network", "NetworkConfig", "NetworkDriver", "Route"]
+__all__ = ["NETWORKS_LABEL", "Attachment", "Interface", "Network", "NetworkConfig", "NetworkDriver", "Route"]
+
+NETWORKS_LABEL = "containerkit.io/networks"
+"""The container label naming the networks its task joins: ``NAME[=ADDRESS]`` items, comma-separated."""
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,13 @@ import grpc
 
 from core import identifiers
 from core.errors import ContainerkitError, FailedPrecondition
+from core.metadata_keys import NAMESPACE_METADATA_KEY
 
 if TYPE_CHECKING:
     from core.config import GrpcConfig
 
 log = logging.getLogger("containerkit.grpc")
 
-NAMESPACE_METADATA_KEY = "containerd-namespace"
-LEASE_METADATA_KEY = "containerd-lease"
 MAX_MESSAGE_SIZE = 16 << 20  # containerd's default for both directions
 
 

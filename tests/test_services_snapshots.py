@@ -26,7 +26,8 @@ from core.metadata import LeaseResource, LeaseStore, MetadataStore
 from core.metadata.snapshots import SnapshotKind, SnapshotMetadata
 from core.mount import temp_mount
 from core.server import ErrorMapping
-from core.services.snapshots import SnapshotsService, info_of, info_pb, mounts_of, mounts_pb
+from core.services._convert import mounts_of
+from core.services.snapshots import SnapshotsService, info_of, info_pb, mounts_pb
 from core.snapshot import Info, Kind
 from core.types import EPOCH, Mount
 from plugins.snapshot_overlay import OverlaySnapshotter

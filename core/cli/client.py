@@ -1,16 +1,14 @@
-"""ckctl's connection to the daemon: a gRPC channel on the unix socket that tags every call with the
-namespace, and errors turned into one-line messages."""
+"""ckctl's connection to the daemon: a gRPC channel (:mod:`core.cli.rpc`) on the unix socket that tags every
+call with the namespace, and errors turned into one-line messages."""
 
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import grpc
-
-from core.server import LEASE_METADATA_KEY, NAMESPACE_METADATA_KEY
+from core.cli import rpc
+from core.metadata_keys import LEASE_METADATA_KEY, NAMESPACE_METADATA_KEY
 
 CALL_TIMEOUT_SECONDS = 30.0
 
@@ -25,21 +23,21 @@ class Client:
     def __init__(self, address: str, namespace: str) -> None:
         self.address = address
         self.namespace = namespace
-        self._channel: grpc.Channel | None = None
+        self._channel: rpc.Channel | None = None
 
     @property
-    def channel(self) -> grpc.Channel:
-        """The gRPC channel, opened on first use after checking that the socket accepts connections."""
+    def channel(self) -> rpc.Channel:
+        """The gRPC channel, connected on first use (CliError when the socket accepts no connection)."""
         if self._channel is None:
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                probe.connect(self.address)
+                self._channel = rpc.Channel(self.address)
             except OSError as err:
                 raise CliError(f"cannot reach containerkitd at {self.address}: {err.strerror or err}") from None
-            finally:
-                probe.close()
-            self._channel = grpc.insecure_channel(f"unix:{self.address}")
         return self._channel
+
+    def stub(self, module: Any, service: str) -> Any:
+        """The stub of ``service`` as declared in the ``*_pb2`` ``module`` (see :func:`rpc.stub`)."""
+        return rpc.stub(module, service, self.channel)
 
     def metadata(self, lease: str = "") -> list[tuple[str, str]]:
         """The call metadata: the namespace, and the ``lease`` to create things under when given."""
@@ -52,7 +50,7 @@ class Client:
         becomes a CliError as :meth:`call` reports it."""
         try:
             yield
-        except grpc.RpcError as err:
+        except rpc.RpcError as err:
             raise CliError(describe_rpc_error(err, self.address)) from None
 
     def call(
@@ -75,10 +73,10 @@ class Client:
             self._channel.close()
 
 
-def describe_rpc_error(err: grpc.RpcError, address: str) -> str:
-    code = err.code() if isinstance(err, grpc.Call) else None
-    details = err.details() if isinstance(err, grpc.Call) else str(err)
-    if code is grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
+def describe_rpc_error(err: rpc.RpcError, address: str) -> str:
+    """The one-line message of a failed call: ``<details> (<code in words>)``, or that the daemon is not
+    reachable."""
+    code, details = err.code(), err.details()
+    if code is rpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
         return f"cannot reach containerkitd at {address}: {details}"
-    name = code.name.lower().replace("_", " ") if code else "error"
-    return f"{details} ({name})"
+    return f"{details} ({code.name.lower().replace('_', ' ')})"

@@ -10,8 +10,7 @@ import argparse
 import json
 from typing import Any
 
-import grpc
-
+from core.cli import rpc
 from core.cli.args import add_listing_arguments, for_each, label_changes
 from core.cli.client import CALL_TIMEOUT_SECONDS, Client, CliError, describe_rpc_error
 from core.cli.output import print_json
@@ -50,9 +49,9 @@ def add_commands(commands: Any) -> None:
 
 
 def service_stub(client: Client) -> Any:
-    from core.api.containerd.services.containers.v1 import containers_pb2_grpc
+    from core.api.containerd.services.containers.v1 import containers_pb2
 
-    return containers_pb2_grpc.ContainersStub(client.channel)
+    return client.stub(containers_pb2, "Containers")
 
 
 def _pb() -> Any:
@@ -121,23 +120,23 @@ def remove_containers(client: Client, args: argparse.Namespace) -> int:
 
 def remove(client: Client, id: str, *, keep_snapshot: bool) -> None:
     """Delete the container ``id`` as ``ctr containers rm`` does (see the module doc)."""
-    from core.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
+    from core.api.containerd.services.snapshots.v1 import snapshots_pb2
 
     container = _get(client, id)
     _delete_stopped_task(client, id)
     if container.snapshot_key and not keep_snapshot:
         request = snapshots_pb2.RemoveSnapshotRequest(snapshotter=container.snapshotter, key=container.snapshot_key)
-        _ignoring_not_found(client, snapshots_pb2_grpc.SnapshotsStub(client.channel).Remove, request)
+        _ignoring_not_found(client, client.stub(snapshots_pb2, "Snapshots").Remove, request)
     client.call(service_stub(client).Delete, _pb().DeleteContainerRequest(id=id))
 
 
 def _delete_stopped_task(client: Client, id: str) -> None:
     """Delete the task of container ``id`` when it is stopped or only created; CliError while it
     lives; nothing when it has none (or the daemon runs no tasks service)."""
-    from core.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
+    from core.api.containerd.services.tasks.v1 import tasks_pb2
     from core.api.containerd.types.task import task_pb2
 
-    stub = tasks_pb2_grpc.TasksStub(client.channel)
+    stub = client.stub(tasks_pb2, "Tasks")
     response = _ignoring_not_found(client, stub.Get, tasks_pb2.GetRequest(container_id=id))
     if response is None:
         return
@@ -151,8 +150,8 @@ def _ignoring_not_found(client: Client, method: Any, request: Any) -> Any:
     """``client.call`` answering None for NotFound (and for a service the daemon does not run)."""
     try:
         return method(request, metadata=client.metadata(), timeout=CALL_TIMEOUT_SECONDS)
-    except grpc.RpcError as err:
-        if isinstance(err, grpc.Call) and err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+    except rpc.RpcError as err:
+        if err.code() in (rpc.StatusCode.NOT_FOUND, rpc.StatusCode.UNIMPLEMENTED):
             return None
         raise CliError(describe_rpc_error(err, client.address)) from None
 

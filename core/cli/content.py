@@ -18,8 +18,7 @@ import sys
 from collections.abc import Iterator
 from typing import IO, Any
 
-import grpc
-
+from core.cli import rpc
 from core.cli.args import add_listing_arguments, for_each, label_changes, parse_labels
 from core.cli.client import CALL_TIMEOUT_SECONDS, Client, CliError
 from core.cli.records import age, human_size, labels_cell, labels_text, print_records, timestamp_text
@@ -97,9 +96,9 @@ def _size(text: str) -> int:
 
 
 def service_stub(client: Client) -> Any:
-    from core.api.containerd.services.content.v1 import content_pb2_grpc
+    from core.api.containerd.services.content.v1 import content_pb2
 
-    return content_pb2_grpc.ContentStub(client.channel)
+    return client.stub(content_pb2, "Content")
 
 
 def blob_record(info: Any) -> dict[str, Any]:
@@ -240,8 +239,8 @@ def _ingest(client: Client, args: argparse.Namespace, source: IO[bytes], labels:
         start.put(_resume_offset(source, status.offset))
         for last in call:
             written = last.digest
-    except grpc.RpcError as err:
-        if err.code() is not grpc.StatusCode.ALREADY_EXISTS or not (expected or written):
+    except rpc.RpcError as err:
+        if err.code() is not rpc.StatusCode.ALREADY_EXISTS or not (expected or written):
             raise
         return str(expected or written)
     finally:

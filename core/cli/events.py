@@ -10,8 +10,7 @@ import argparse
 import json
 from typing import Any
 
-import grpc
-
+from core.cli import rpc
 from core.cli.client import Client, CliError, describe_rpc_error
 from core.cli.records import timestamp_text
 
@@ -26,7 +25,7 @@ def event_json(event: Any) -> str:
     """An event Any as compact JSON with proto field names (``{"type_url": ...}`` for an unknown type)."""
     from google.protobuf import json_format
 
-    from core.services.events import message_of
+    from core.event_messages import message_of
 
     try:
         value = json_format.MessageToDict(message_of(event), preserving_proto_field_name=True)
@@ -36,15 +35,15 @@ def event_json(event: Any) -> str:
 
 
 def show_events(client: Client, args: argparse.Namespace) -> int:
-    from core.api.containerd.services.events.v1 import events_pb2, events_pb2_grpc
+    from core.api.containerd.services.events.v1 import events_pb2
 
-    stub = events_pb2_grpc.EventsStub(client.channel)
+    stub = client.stub(events_pb2, "Events")
     stream = stub.Subscribe(events_pb2.SubscribeRequest(filters=args.filters))  # of every namespace: no metadata
     try:
         for envelope in stream:
             text = event_json(envelope.event) if envelope.HasField("event") else ""
             print(timestamp_text(envelope.timestamp), envelope.namespace, envelope.topic, text, flush=True)
-    except grpc.RpcError as err:
+    except rpc.RpcError as err:
         raise CliError(describe_rpc_error(err, client.address)) from None
     finally:
         stream.cancel()

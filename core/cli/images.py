@@ -166,9 +166,9 @@ def _add_platforms_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def service_stub(client: Client) -> Any:
-    from core.api.containerd.services.images.v1 import images_pb2_grpc
+    from core.api.containerd.services.images.v1 import images_pb2
 
-    return images_pb2_grpc.ImagesStub(client.channel)
+    return client.stub(images_pb2, "Images")
 
 
 def image_record(image: Any) -> dict[str, Any]:
@@ -261,11 +261,11 @@ def inspect_image(client: Client, args: argparse.Namespace) -> int:
 
 
 def unpack(client: Client, name: str, snapshotter: str, platform: str) -> Any:
+    from core.api.containerkit.services.unpack.v1 import unpack_pb2
     from core.api.containerkit.services.unpack.v1 import unpack_pb2 as pb
-    from core.api.containerkit.services.unpack.v1 import unpack_pb2_grpc
 
     request = pb.UnpackRequest(image=name, snapshotter=snapshotter, platform=platform)
-    return client.call(unpack_pb2_grpc.UnpackStub(client.channel).Unpack, request)
+    return client.call(client.stub(unpack_pb2, "Unpack").Unpack, request)
 
 
 def unpack_image(client: Client, args: argparse.Namespace) -> int:
@@ -287,7 +287,7 @@ def mount_image(client: Client, args: argparse.Namespace) -> int:
     from core.api.containerd.services.leases.v1 import leases_pb2
     from core.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
     from core.metadata.images import LABEL_GC_REF_SNAPSHOT
-    from core.services.snapshots import mounts_of
+    from core.services._convert import mounts_of
 
     target = os.path.abspath(args.target)
     if not os.path.isdir(target):
@@ -370,9 +370,9 @@ def _probe(client: Client, method: Any, request: Any) -> Any | None:
 
 
 def transfer_stub(client: Client) -> Any:
-    from core.api.containerkit.services.transfer.v1 import transfer_pb2_grpc
+    from core.api.containerkit.services.transfer.v1 import transfer_pb2
 
-    return transfer_pb2_grpc.TransferStub(client.channel)
+    return client.stub(transfer_pb2, "Transfer")
 
 
 def registry_credentials(args: argparse.Namespace) -> tuple[str, str]:

@@ -49,9 +49,9 @@ def add_commands(commands: Any) -> None:
 
 
 def service_stub(client: Client) -> Any:
-    from core.api.containerd.services.leases.v1 import leases_pb2_grpc
+    from core.api.containerd.services.leases.v1 import leases_pb2
 
-    return leases_pb2_grpc.LeasesStub(client.channel)
+    return client.stub(leases_pb2, "Leases")
 
 
 def lease_record(lease: Any) -> dict[str, Any]:

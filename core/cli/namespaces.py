@@ -36,9 +36,9 @@ def add_commands(commands: Any) -> None:
 
 
 def service_stub(client: Client) -> Any:
-    from core.api.containerd.services.namespaces.v1 import namespace_pb2_grpc
+    from core.api.containerd.services.namespaces.v1 import namespace_pb2
 
-    return namespace_pb2_grpc.NamespacesStub(client.channel)
+    return client.stub(namespace_pb2, "Namespaces")
 
 
 def create_namespace(client: Client, args: argparse.Namespace) -> int:

@@ -131,9 +131,9 @@ def add_commands(commands: Any) -> None:
 
 
 def service_stub(client: Client) -> Any:
-    from core.api.containerkit.services.networks.v1 import networks_pb2_grpc
+    from core.api.containerkit.services.networks.v1 import networks_pb2
 
-    return networks_pb2_grpc.NetworksStub(client.channel)
+    return client.stub(networks_pb2, "Networks")
 
 
 def _pb() -> Any:

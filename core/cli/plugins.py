@@ -53,9 +53,9 @@ def plugin_row(plugin: Any) -> dict[str, Any]:
 
 
 def list_plugins(client: Client, args: argparse.Namespace) -> int:
-    from core.api.containerd.services.introspection.v1 import introspection_pb2, introspection_pb2_grpc
+    from core.api.containerd.services.introspection.v1 import introspection_pb2
 
-    stub = introspection_pb2_grpc.IntrospectionStub(client.channel)
+    stub = client.stub(introspection_pb2, "Introspection")
     response = client.call(stub.Plugins, introspection_pb2.PluginsRequest(filters=args.filters))
     rows = [plugin_row(p) for p in response.plugins]
     print_listing(rows, COLUMNS, as_json=args.json, quiet=args.quiet, key="name")

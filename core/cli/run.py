@@ -129,10 +129,10 @@ def _create_container(
     from google.protobuf import any_pb2
 
     from core import oci_spec
-    from core.api.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
+    from core.api.containerd.services.containers.v1 import containers_pb2
     from core.api.containerd.services.leases.v1 import leases_pb2
     from core.api.containerd.services.snapshots.v1 import snapshots_pb2
-    from core.services.snapshots import mounts_of
+    from core.services._convert import mounts_of
 
     leases, snapshots = lease_cli.service_stub(client), snapshot_cli.service_stub(client)
     lease = f"ckctl-run-{uuid.uuid4().hex}"
@@ -151,7 +151,7 @@ def _create_container(
                 snapshot_key=args.id,
                 labels=_labels(args),
             )
-            stub = containers_pb2_grpc.ContainersStub(client.channel)
+            stub = client.stub(containers_pb2, "Containers")
             client.call(stub.Create, containers_pb2.CreateContainerRequest(container=container))
         except BaseException:
             remove = snapshots_pb2.RemoveSnapshotRequest(snapshotter=args.snapshotter, key=args.id)
@@ -164,8 +164,8 @@ def _create_container(
 
 
 def _labels(args: argparse.Namespace) -> dict[str, str]:
-    """The container's labels: :data:`~core.services.networks.NETWORKS_LABEL` naming the ``--net`` networks."""
-    from core.services.networks import NETWORKS_LABEL
+    """The container's labels: :data:`~core.network.NETWORKS_LABEL` naming the ``--net`` networks."""
+    from core.network import NETWORKS_LABEL
 
     return {NETWORKS_LABEL: ",".join(args.net)} if args.net else {}
 

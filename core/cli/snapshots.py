@@ -99,9 +99,9 @@ def _add_label_option(parser: argparse.ArgumentParser) -> None:
 
 
 def service_stub(client: Client) -> Any:
-    from core.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
+    from core.api.containerd.services.snapshots.v1 import snapshots_pb2
 
-    return snapshots_pb2_grpc.SnapshotsStub(client.channel)
+    return client.stub(snapshots_pb2, "Snapshots")
 
 
 def _pb() -> Any:

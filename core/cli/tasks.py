@@ -107,9 +107,9 @@ def parse_signal(text: str) -> int:
 
 
 def service_stub(client: Client) -> Any:
-    from core.api.containerd.services.tasks.v1 import tasks_pb2_grpc
+    from core.api.containerd.services.tasks.v1 import tasks_pb2
 
-    return tasks_pb2_grpc.TasksStub(client.channel)
+    return client.stub(tasks_pb2, "Tasks")
 
 
 def unpack_any(value: Any, message: Any) -> bool:
@@ -217,13 +217,13 @@ def exec_process(client: Client, args: argparse.Namespace) -> int:
     attached (exit code passed through, the process deleted after) or detached (``-d``)."""
     from google.protobuf import any_pb2
 
-    from core.api.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
+    from core.api.containerd.services.containers.v1 import containers_pb2
     from core.api.containerd.services.tasks.v1 import tasks_pb2 as pb
 
     if not args.args:
         raise CliError("give the command to run after the container id")
     stub = service_stub(client)
-    containers = containers_pb2_grpc.ContainersStub(client.channel)
+    containers = client.stub(containers_pb2, "Containers")
     container = client.call(containers.Get, containers_pb2.GetContainerRequest(id=args.id)).container
     try:
         process = json.loads(container.spec.value)["process"]

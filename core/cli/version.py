@@ -19,11 +19,11 @@ def add_commands(commands: Any) -> None:
 def run(client: Client, args: argparse.Namespace) -> int:
     from google.protobuf import empty_pb2
 
-    from core.api.containerd.services.introspection.v1 import introspection_pb2_grpc
-    from core.api.containerd.services.version.v1 import version_pb2_grpc
+    from core.api.containerd.services.introspection.v1 import introspection_pb2
+    from core.api.containerd.services.version.v1 import version_pb2
 
-    server = client.call(version_pb2_grpc.VersionStub(client.channel).Version, empty_pb2.Empty())
-    info = client.call(introspection_pb2_grpc.IntrospectionStub(client.channel).Server, empty_pb2.Empty())
+    server = client.call(client.stub(version_pb2, "Version").Version, empty_pb2.Empty())
+    info = client.call(client.stub(introspection_pb2, "Introspection").Server, empty_pb2.Empty())
     result = {
         "client": {"version": __version__},
         "server": {"version": server.version, "revision": server.revision, "uuid": info.uuid},

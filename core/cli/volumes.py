@@ -48,9 +48,9 @@ def add_commands(commands: Any) -> None:
 
 
 def service_stub(client: Client) -> Any:
-    from core.api.containerkit.services.volumes.v1 import volumes_pb2_grpc
+    from core.api.containerkit.services.volumes.v1 import volumes_pb2
 
-    return volumes_pb2_grpc.VolumesStub(client.channel)
+    return client.stub(volumes_pb2, "Volumes")
 
 
 def _pb() -> Any:

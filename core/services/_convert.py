@@ -1,11 +1,12 @@
-"""Conversions shared by the core's gRPC services: timestamps and field masks."""
+"""Conversions shared by the core's gRPC services and ckctl (no gRPC imports): timestamps, field masks, mounts."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from core.types import EPOCH
+from core.types import EPOCH, Mount
 
 
 def timestamp(when: datetime | None) -> Any:
@@ -29,3 +30,8 @@ def datetime_of(stamp: Any) -> datetime:
 def mask_paths(request: Any) -> list[str]:
     """The paths of a request's ``update_mask`` (``[]`` when absent)."""
     return list(request.update_mask.paths) if request.HasField("update_mask") else []
+
+
+def mounts_of(messages: Iterable[Any]) -> list[Mount]:
+    """The :class:`Mount` list of ``containerd.types.Mount`` messages."""
+    return [Mount(m.type, m.source, tuple(m.options), m.target) for m in messages]

@@ -35,8 +35,9 @@ import grpc
 from core.digest import Digest
 from core.errors import AlreadyExists, NotFound, OutOfRange
 from core.hookspecs import hookimpl
+from core.metadata_keys import LEASE_METADATA_KEY
 from core.plugin import InitContext, Registration
-from core.server import LEASE_METADATA_KEY, metadata_value, namespace_of
+from core.server import metadata_value, namespace_of
 from core.services._convert import mask_paths, timestamp
 from core.types import EPOCH
 

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from core.metadata_keys import LEASE_METADATA_KEY
 from core.oci import OCI_LAYER_GZIP
 from core.plugin import InitContext, Registration
-from core.server import LEASE_METADATA_KEY, metadata_value, namespace_of
+from core.server import metadata_value, namespace_of
+from core.services._convert import mounts_of
 from core.services.images import descriptor_of, descriptor_pb
-from core.services.snapshots import mounts_of
 
 if TYPE_CHECKING:
     from core.diff import Differ

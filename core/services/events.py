@@ -17,7 +17,6 @@ when the client goes away or the daemon stops.
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ import grpc
 
 from core import identifiers
 from core.errors import InvalidArgument
+from core.event_messages import message_of
 from core.plugin import InitContext, Registration
 from core.server import namespace_of
 from core.types import EPOCH
@@ -43,24 +43,6 @@ def any_of(event: Any) -> Any:
     if isinstance(event, any_pb2.Any):
         return event
     return any_pb2.Any(type_url=event.DESCRIPTOR.full_name, value=event.SerializeToString())
-
-
-def message_of(event: Any) -> Any:
-    """The message an Any holds when its type (the part of the type URL after the last ``/``) is one
-    the daemon knows (every event message is) and its bytes parse; otherwise the Any itself."""
-    from google.protobuf import descriptor_pool, message, message_factory
-
-    _import_event_messages()
-    try:
-        descriptor = descriptor_pool.Default().FindMessageTypeByName(event.type_url.rpartition("/")[2])
-    except KeyError:
-        return event
-    decoded = message_factory.GetMessageClass(descriptor)()
-    try:
-        decoded.ParseFromString(event.value)
-    except message.DecodeError:
-        return event
-    return decoded
 
 
 def event_fields(event: Any) -> dict[str, Any]:
@@ -191,25 +173,6 @@ def _utc(seconds: float) -> Any:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(seconds, UTC)
-
-
-@functools.cache
-def _import_event_messages() -> None:
-    """Load every event message module into the descriptor pool: containerd's
-    (``core/api/containerd/events/*_pb2``) and those our own services declare beside their calls
-    (``core/api/containerkit/services/<name>/v1/*_pb2``)."""
-    import importlib
-    import pkgutil
-
-    from core.api.containerd import events
-    from core.api.containerkit import services
-
-    packages = [events.__name__]
-    packages += [f"{services.__name__}.{service.name}.v1" for service in pkgutil.iter_modules(services.__path__)]
-    for package in packages:
-        for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
-            if module.name.endswith("_pb2"):
-                importlib.import_module(f"{package}.{module.name}")
 
 
 def _init(context: InitContext) -> EventsService:

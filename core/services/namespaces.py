@@ -13,8 +13,9 @@ import grpc
 
 from core.errors import InvalidArgument
 from core.metadata import NamespaceStore
+from core.metadata_keys import NAMESPACE_METADATA_KEY
 from core.plugin import InitContext, Registration
-from core.server import NAMESPACE_METADATA_KEY, metadata_value
+from core.server import metadata_value
 
 
 class NamespacesService:

@@ -37,7 +37,7 @@ from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotF
 from core.hookspecs import hookimpl
 from core.identifiers import validate
 from core.netns import NETNS_DIR, create_netns, delete_netns, list_netns, netns_name, netns_path
-from core.network import Attachment, Interface, Network, NetworkConfig, NetworkDriver, Route
+from core.network import NETWORKS_LABEL, Attachment, Interface, Network, NetworkConfig, NetworkDriver, Route
 from core.plugin import InitContext, Registration
 from core.runtime import TaskStatus
 from core.server import namespace_of
@@ -49,9 +49,6 @@ if TYPE_CHECKING:
     from core.services.tasks import TasksService
 
 log = logging.getLogger("containerkit.services.networks")
-
-NETWORKS_LABEL = "containerkit.io/networks"
-"""The container label naming the networks its task joins: ``NAME[=ADDRESS]`` items, comma-separated."""
 
 
 @dataclass

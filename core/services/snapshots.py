@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from core.hookspecs import hookimpl
+from core.metadata_keys import LEASE_METADATA_KEY
 from core.plugin import InitContext, Registration
-from core.server import LEASE_METADATA_KEY, metadata_value, namespace_of
+from core.server import metadata_value, namespace_of
 from core.services._convert import mask_paths, timestamp
 from core.snapshot import Info, Kind
 from core.types import Mount
@@ -35,11 +36,6 @@ def mounts_pb(mounts: Iterable[Mount]) -> list[Any]:
     from core.api.containerd.types import mount_pb2
 
     return [mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=m.options) for m in mounts]
-
-
-def mounts_of(messages: Iterable[Any]) -> list[Mount]:
-    """The :class:`Mount` list of ``containerd.types.Mount`` messages."""
-    return [Mount(m.type, m.source, tuple(m.options), m.target) for m in messages]
 
 
 def info_pb(info: Info) -> Any:

@@ -41,8 +41,8 @@ from core.errors import (
 from core.plugin import InitContext, PluginRecord, Registration, Status
 from core.runtime import CreateTaskRequest, ExitStatus, Metrics, Runtime, Stdio, Task, TaskState
 from core.server import namespace_of
-from core.services._convert import timestamp
-from core.services.snapshots import mounts_of, mounts_pb
+from core.services._convert import mounts_of, timestamp
+from core.services.snapshots import mounts_pb
 from core.types import Mount
 
 if TYPE_CHECKING:
