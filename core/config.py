@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from core.endpoint import DEFAULT_ADDRESS
+
 DEFAULT_ROOT = Path("/var/lib/containerkit")
 DEFAULT_STATE = Path("/run/containerkit")
-DEFAULT_ADDRESS = "/run/containerkit/containerkit.sock"
 LogLevel = Literal["debug", "info", "warning", "error"]
 LOG_LEVELS: tuple[str, ...] = typing.get_args(LogLevel)
 

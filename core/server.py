@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import grpc
 
 from core import identifiers
+from core.endpoint import NAMESPACE_METADATA_KEY
 from core.errors import ContainerkitError, FailedPrecondition
-from core.metadata_keys import NAMESPACE_METADATA_KEY
 
 if TYPE_CHECKING:
     from core.config import GrpcConfig

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from core.cli import rpc
-from core.metadata_keys import LEASE_METADATA_KEY, NAMESPACE_METADATA_KEY
+from core.endpoint import LEASE_METADATA_KEY, NAMESPACE_METADATA_KEY
 
 CALL_TIMEOUT_SECONDS = 30.0
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from core.cli.client import Client, CliError
-from core.config import DEFAULT_ADDRESS
+from core.endpoint import DEFAULT_ADDRESS
 
 COMMANDS: dict[str, tuple[str, ...]] = {
     "version": ("version",),

@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from core.digest import Digest
+from core.endpoint import LEASE_METADATA_KEY
 from core.errors import AlreadyExists, NotFound, OutOfRange
 from core.hookspecs import hookimpl
-from core.metadata_keys import LEASE_METADATA_KEY
 from core.plugin import InitContext, Registration
 from core.server import metadata_value, namespace_of
 from core.services._convert import mask_paths, timestamp

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from core.metadata_keys import LEASE_METADATA_KEY
+from core.endpoint import LEASE_METADATA_KEY
 from core.oci import OCI_LAYER_GZIP
 from core.plugin import InitContext, Registration
 from core.server import metadata_value, namespace_of

@@ -11,9 +11,9 @@ from typing import Any
 
 import grpc
 
+from core.endpoint import NAMESPACE_METADATA_KEY
 from core.errors import InvalidArgument
 from core.metadata import NamespaceStore
-from core.metadata_keys import NAMESPACE_METADATA_KEY
 from core.plugin import InitContext, Registration
 from core.server import metadata_value
 
