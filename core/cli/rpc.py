@@ -244,14 +244,24 @@ class _Connection:
             with self.state:
                 while not stream.closed and view and (self.send_window <= 0 or stream.send_window <= 0):
                     self.state.wait()
-                if stream.closed:
-                    return False
-                size = min(len(view), self.send_window, stream.send_window, self.peer_max_frame)
-                self.send_window -= size
-                stream.send_window -= size
-                last = size == len(view)
-                stream.sent_end = last and end_stream
-            self.write(_frame(_DATA, _END_STREAM if stream.sent_end else 0, stream.id, bytes(view[:size])))
+            # The frame is sized and written under the write lock, as the SETTINGS ACK is (_on_settings): a frame
+            # sized by the windows before a SETTINGS change never reaches the wire after its ACK.
+            try:
+                with self.write_lock:
+                    with self.state:
+                        if stream.closed:
+                            return False
+                        size = min(len(view), self.send_window, stream.send_window, self.peer_max_frame)
+                        if view and size <= 0:
+                            continue  # a SETTINGS change took the window meanwhile: wait again
+                        self.send_window -= size
+                        stream.send_window -= size
+                        last = size == len(view)
+                        stream.sent_end = last and end_stream
+                    frame = _frame(_DATA, _END_STREAM if stream.sent_end else 0, stream.id, bytes(view[:size]))
+                    self.sock.sendall(frame)
+            except OSError as err:
+                raise self._lose(f"Socket closed ({err.strerror or err})") from None
             view = view[size:]
             if last:
                 return True
@@ -391,19 +401,25 @@ class _Connection:
         stream.events.put(("error", error))
 
     def _on_settings(self, payload: bytes) -> None:
-        with self.state:
-            for offset in range(0, len(payload) - 5, 6):
-                key, value = struct.unpack_from(">HI", payload, offset)
-                if key == _SETTINGS_INITIAL_WINDOW_SIZE:
-                    for stream in self.streams.values():
-                        stream.send_window += value - self.peer_initial_window
-                    self.peer_initial_window = value
-                elif key == _SETTINGS_MAX_FRAME_SIZE:
-                    self.peer_max_frame = value
-                elif key == _SETTINGS_MAX_CONCURRENT_STREAMS:
-                    self.peer_max_streams = value
-            self.state.notify_all()
-        self.write(_frame(_SETTINGS, _ACK, 0))
+        """Apply the server's SETTINGS and acknowledge them, under the write lock (see :meth:`send_data`): the
+        server holds our DATA to the new windows once it has our ACK."""
+        try:
+            with self.write_lock:
+                with self.state:
+                    for offset in range(0, len(payload) - 5, 6):
+                        key, value = struct.unpack_from(">HI", payload, offset)
+                        if key == _SETTINGS_INITIAL_WINDOW_SIZE:
+                            for stream in self.streams.values():
+                                stream.send_window += value - self.peer_initial_window
+                            self.peer_initial_window = value
+                        elif key == _SETTINGS_MAX_FRAME_SIZE:
+                            self.peer_max_frame = value
+                        elif key == _SETTINGS_MAX_CONCURRENT_STREAMS:
+                            self.peer_max_streams = value
+                    self.state.notify_all()
+                self.sock.sendall(_frame(_SETTINGS, _ACK, 0))
+        except OSError as err:
+            raise self._lose(f"Socket closed ({err.strerror or err})") from None
 
     def _on_goaway(self, last_stream_id: int, debug: bytes) -> None:
         """No new streams; those above ``last_stream_id`` were not processed and fail UNAVAILABLE."""
