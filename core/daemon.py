@@ -88,8 +88,7 @@ class Daemon:
         self._serve(records)
 
     def _check_address(self) -> None:
-        paths = [self.address] if self.config.grpc.gid == 0 else [self.address, self._staging_address()]
-        for path in paths:  # the staging name is bound too
+        for path in dict.fromkeys([self.address, self._bind_address()]):  # a staging name is bound too
             if len(os.fsencode(path)) > SOCKET_PATH_MAX:
                 raise StartupError(
                     f"socket path {path} is {len(os.fsencode(path))} bytes; unix sockets allow at most "
@@ -147,8 +146,7 @@ class Daemon:
         """Bind ``server`` to the socket, 0660 and root:``[grpc] gid`` from the first moment anyone can
         connect: with another group it is bound under a staging name, given its group, then renamed into place."""
         _make_dir(self.address.parent, "socket directory")
-        gid = self.config.grpc.gid
-        staging = self.address if gid == 0 else self._staging_address()
+        staging = self._bind_address()
         previous_umask = os.umask(0o117)  # the socket is born 0660, never briefly wider
         try:
             server.add_insecure_port(f"unix:{staging}")
@@ -157,10 +155,13 @@ class Daemon:
         finally:
             os.umask(previous_umask)
         if staging != self.address:
-            os.chown(staging, 0, gid)
+            os.chown(staging, 0, self.config.grpc.gid)
             staging.rename(self.address)
 
-    def _staging_address(self) -> Path:
+    def _bind_address(self) -> Path:
+        """Where the socket is bound: its address, or with a group other than root's a staging name beside it."""
+        if self.config.grpc.gid == 0:
+            return self.address
         return self.address.with_name(f".containerkitd-{os.getpid()}")
 
     def stop(self) -> None:
