@@ -24,6 +24,7 @@ class Client:
         self.address = address
         self.namespace = namespace
         self._channel: rpc.Channel | None = None
+        self._stubs: dict[tuple[str, str], Any] = {}
 
     @property
     def channel(self) -> rpc.Channel:
@@ -36,8 +37,11 @@ class Client:
         return self._channel
 
     def stub(self, module: Any, service: str) -> Any:
-        """The stub of ``service`` as declared in the ``*_pb2`` ``module`` (see :func:`rpc.stub`)."""
-        return rpc.stub(module, service, self.channel)
+        """The stub of ``service`` as declared in the ``*_pb2`` ``module`` (see :func:`rpc.stub`), built once."""
+        key = (module.__name__, service)
+        if key not in self._stubs:
+            self._stubs[key] = rpc.stub(module, service, self.channel)
+        return self._stubs[key]
 
     def metadata(self, lease: str = "") -> list[tuple[str, str]]:
         """The call metadata: the namespace, and the ``lease`` to create things under when given."""

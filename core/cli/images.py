@@ -261,11 +261,10 @@ def inspect_image(client: Client, args: argparse.Namespace) -> int:
 
 
 def unpack(client: Client, name: str, snapshotter: str, platform: str) -> Any:
-    from core.api.containerkit.services.unpack.v1 import unpack_pb2
     from core.api.containerkit.services.unpack.v1 import unpack_pb2 as pb
 
     request = pb.UnpackRequest(image=name, snapshotter=snapshotter, platform=platform)
-    return client.call(client.stub(unpack_pb2, "Unpack").Unpack, request)
+    return client.call(client.stub(pb, "Unpack").Unpack, request)
 
 
 def unpack_image(client: Client, args: argparse.Namespace) -> int:

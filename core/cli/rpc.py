@@ -642,55 +642,59 @@ class Channel:
         self, path: str, request_serializer: Callable[[Any], bytes], response_deserializer: Callable[[bytes], Any]
     ) -> Callable[..., Any]:
         """``(request, metadata=None, timeout=None) -> response``."""
-
-        def call(request: Any, metadata: Iterable[tuple[str, str]] | None = None, timeout: float | None = None) -> Any:
-            rpc = _Call(self, path, request_serializer, response_deserializer, metadata, timeout)
-            rpc.start(request)
-            return rpc.unary_response()
-
-        return call
+        return self.multi_callable(
+            path, request_serializer, response_deserializer, stream_request=False, stream_response=False
+        )
 
     def unary_stream(
         self, path: str, request_serializer: Callable[[Any], bytes], response_deserializer: Callable[[bytes], Any]
     ) -> Callable[..., Any]:
         """``(request, metadata=None, timeout=None) -> responses`` (an iterator with ``cancel()``)."""
-
-        def call(request: Any, metadata: Iterable[tuple[str, str]] | None = None, timeout: float | None = None) -> Any:
-            rpc = _Call(self, path, request_serializer, response_deserializer, metadata, timeout)
-            rpc.start(request)
-            return rpc
-
-        return call
+        return self.multi_callable(
+            path, request_serializer, response_deserializer, stream_request=False, stream_response=True
+        )
 
     def stream_unary(
         self, path: str, request_serializer: Callable[[Any], bytes], response_deserializer: Callable[[bytes], Any]
     ) -> Callable[..., Any]:
         """``(requests, metadata=None, timeout=None) -> response``; ``requests`` is read on a thread of its own."""
-
-        def call(
-            requests: Iterator[Any], metadata: Iterable[tuple[str, str]] | None = None, timeout: float | None = None
-        ) -> Any:
-            rpc = _Call(self, path, request_serializer, response_deserializer, metadata, timeout)
-            rpc.start_streaming(iter(requests))
-            try:
-                return rpc.unary_response()
-            finally:
-                rpc.cancel()
-
-        return call
+        return self.multi_callable(
+            path, request_serializer, response_deserializer, stream_request=True, stream_response=False
+        )
 
     def stream_stream(
         self, path: str, request_serializer: Callable[[Any], bytes], response_deserializer: Callable[[bytes], Any]
     ) -> Callable[..., Any]:
         """``(requests, metadata=None, timeout=None) -> responses`` (an iterator with ``cancel()``);
         ``requests`` is read on a thread of its own, so requests and responses interleave."""
+        return self.multi_callable(
+            path, request_serializer, response_deserializer, stream_request=True, stream_response=True
+        )
 
-        def call(
-            requests: Iterator[Any], metadata: Iterable[tuple[str, str]] | None = None, timeout: float | None = None
-        ) -> Any:
-            rpc = _Call(self, path, request_serializer, response_deserializer, metadata, timeout)
-            rpc.start_streaming(iter(requests))
-            return rpc
+    def multi_callable(
+        self,
+        path: str,
+        serializer: Callable[[Any], bytes],
+        deserializer: Callable[[bytes], Any],
+        *,
+        stream_request: bool,
+        stream_response: bool,
+    ) -> Callable[..., Any]:
+        """The callable for method ``path``: it takes a request (an iterable of them with ``stream_request``),
+        ``metadata`` and ``timeout``, and returns the response (an iterator of them with ``stream_response``)."""
+
+        def call(request: Any, metadata: Iterable[tuple[str, str]] | None = None, timeout: float | None = None) -> Any:
+            rpc = _Call(self, path, serializer, deserializer, metadata, timeout)
+            if stream_request:
+                rpc.start_streaming(iter(request))
+            else:
+                rpc.start(request)
+            if stream_response:
+                return rpc
+            try:
+                return rpc.unary_response()
+            finally:
+                rpc.cancel()  # a call left while waiting (Ctrl-C) is reset, and its request thread stops
 
         return call
 
@@ -711,14 +715,13 @@ def stub(module: Any, service_name: str, channel: Channel) -> Any:
     methods: dict[str, Callable[..., Any]] = {}
     for method in service.methods:
         response = message_factory.GetMessageClass(method.output_type)
-        make = {
-            (False, False): channel.unary_unary,
-            (False, True): channel.unary_stream,
-            (True, False): channel.stream_unary,
-            (True, True): channel.stream_stream,
-        }[(method.client_streaming, method.server_streaming)]
-        path = f"/{service.full_name}/{method.name}"
-        methods[method.name] = make(path, _serialize, response.FromString)
+        methods[method.name] = channel.multi_callable(
+            f"/{service.full_name}/{method.name}",
+            _serialize,
+            response.FromString,
+            stream_request=method.client_streaming,
+            stream_response=method.server_streaming,
+        )
     return types.SimpleNamespace(**methods)
 
 
