@@ -6,7 +6,9 @@ snapshotter, ...) describes them as a :class:`ResourceKind` and hands it over th
 the kinds' roots, following references across kinds, then asks each kind to remove its unmarked
 resources. The ``gc`` plugin :data:`plugin` (id ``scheduler``) runs collections in a background
 thread: periodically, shortly after start, and soon after a service calls
-:meth:`GarbageCollector.schedule` following a deletion.
+:meth:`GarbageCollector.schedule` following a deletion. Since a collection blocks every metadata
+write, those requested ones are spaced out so that collecting takes at most ``pause_threshold`` of
+the time (containerd's rule; see :class:`GcScheduler`).
 
 As in containerd, a collection is all-or-nothing where safety is at stake: anything that makes the
 mark phase incomplete (a hook or ``roots``/``references`` raising, two kinds claiming one type)
@@ -114,7 +116,8 @@ class GarbageCollector(ABC):
     @abstractmethod
     def schedule(self) -> None:
         """Ask for a collection soon; returns at once. Calls close together lead to one collection,
-        which starts after the last of them was made."""
+        which starts after the last of them was made. It may be deferred to bound the time spent
+        collecting; use :meth:`collect_now` to collect at once."""
 
     @abstractmethod
     def collect_now(self) -> GcStats:
@@ -256,9 +259,16 @@ def _calling(kind: ResourceKind, method: str, *args: Resource) -> Iterable[Resou
 
 class GcScheduler(GarbageCollector):
     """Runs ``collector.collect()`` on a daemon thread: ``startup_delay_seconds`` after creation,
-    then every ``interval_seconds`` after the previous run (never, if 0), and ``delay_seconds`` after
-    a :meth:`schedule` call (calls made while one is pending join it). A collection that fails is
-    logged and the schedule goes on."""
+    then every ``interval_seconds`` after the previous run (never, if 0), and for :meth:`schedule`
+    calls (those made while one is pending join it) at the later of ``delay_seconds`` after the call
+    and ``start + duration / pause_threshold`` of the previous collection. That is containerd's
+    ``pause_threshold``: as a collection holds every metadata writer off, the collections deletions
+    ask for take at most that fraction of the time (a 5 ms collection at 0.02 lets the next start
+    250 ms after it started). Every collection, whatever started it and even if it failed, counts as
+    the previous one; only scheduled ones wait for the throttle (:meth:`collect_now` never does, and
+    periodic and startup runs keep their times). A collection that fails is logged and the schedule
+    goes on. Raises ValueError for a negative interval or delay, or a ``pause_threshold`` not in
+    (0, 0.5]."""
 
     def __init__(
         self,
@@ -266,16 +276,22 @@ class GcScheduler(GarbageCollector):
         interval_seconds: float,
         delay_seconds: float,
         startup_delay_seconds: float = 0.0,
+        pause_threshold: float = 0.02,
     ) -> None:
         if min(interval_seconds, delay_seconds, startup_delay_seconds) < 0:
             raise ValueError("gc intervals and delays must not be negative")
+        if not 0 < pause_threshold <= 0.5:
+            raise ValueError(f"gc pause_threshold must be > 0 and <= 0.5 (got {pause_threshold})")
         self._collector = collector
         self._interval = interval_seconds
         self._delay = delay_seconds
+        self._pause_threshold = pause_threshold
         self._cond = threading.Condition()
         self._closed = False
-        self._requested_at: float | None = None  # monotonic deadline of a scheduled run
+        self._requested_at: float | None = None  # monotonic time a scheduled run is due, throttle aside
         self._periodic_at: float | None = time.monotonic() + startup_delay_seconds
+        self._last_start: float | None = None  # monotonic start of the latest-started collection
+        self._last_duration = 0.0  # ... and how long it took
         self._thread = threading.Thread(target=self._run, name="containerkit-gc", daemon=True)
         self._thread.start()
 
@@ -291,7 +307,7 @@ class GcScheduler(GarbageCollector):
             if self._closed:
                 raise Unavailable("the gc scheduler is closed")
             self._requested_at = None  # this run serves every request made so far
-        return self._collector.collect()
+        return self._timed(self._collector.collect)
 
     def close(self) -> None:
         with self._cond:
@@ -305,17 +321,37 @@ class GcScheduler(GarbageCollector):
     def _run(self) -> None:
         while self._wait_until_due():
             try:
-                self._collector.collect()
+                self._timed(self._collector.collect)
             except Exception:
                 log.exception("gc: collection failed")
             with self._cond:
                 self._periodic_at = time.monotonic() + self._interval if self._interval > 0 else None
 
+    def _timed(self, collect: Callable[[], GcStats]) -> GcStats:
+        """``collect()``, recorded (even if it raises) as the previous collection for the throttle
+        unless one that started later has been recorded already."""
+        started = time.monotonic()
+        try:
+            return collect()
+        finally:
+            ended = time.monotonic()
+            with self._cond:
+                if self._last_start is None or started >= self._last_start:
+                    self._last_start, self._last_duration = started, ended - started
+
+    def _request_due(self) -> float | None:
+        """When the pending request may run: its own deadline, held back by the throttle; None if none."""
+        if self._requested_at is None:
+            return None
+        if self._last_start is None:
+            return self._requested_at
+        return max(self._requested_at, self._last_start + self._last_duration / self._pause_threshold)
+
     def _wait_until_due(self) -> bool:
         """Wait for the next run; False once closed. Clears the pending request the run will serve."""
         with self._cond:
             while not self._closed:
-                deadlines = [d for d in (self._requested_at, self._periodic_at) if d is not None]
+                deadlines = [d for d in (self._request_due(), self._periodic_at) if d is not None]
                 remaining = min(deadlines) - time.monotonic() if deadlines else None
                 if remaining is not None and remaining <= 0:
                     self._requested_at = None
@@ -328,16 +364,25 @@ class GcScheduler(GarbageCollector):
 class GcConfig:
     """``[plugins.gc.scheduler]``: seconds between periodic collections (0: none), between a
     deletion's :meth:`~GarbageCollector.schedule` and the collection, and from start to the first
-    collection (so leftovers of an interrupted pull do not wait for the interval)."""
+    collection (so leftovers of an interrupted pull do not wait for the interval); and
+    ``pause_threshold``, the largest fraction of time that collections requested by deletions may
+    take (in (0, 0.5], as containerd's; see :class:`GcScheduler`). ConfigError for a negative time
+    or a threshold out of range."""
 
     interval_seconds: float = 300.0
     delay_after_delete_seconds: float = 0.1
     startup_delay_seconds: float = 1.0
+    pause_threshold: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("interval_seconds", "delay_after_delete_seconds", "startup_delay_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (got {getattr(self, name)})")
+        if not 0 < self.pause_threshold <= 0.5:
+            raise ConfigError(
+                f"pause_threshold must be greater than 0 and at most 0.5 (got {self.pause_threshold}); "
+                "it is the largest fraction of time garbage collection may take, e.g. 0.02"
+            )
 
 
 # Events for removed resources, where containerd defines one: type -> (module, message, topic, fields).
@@ -375,6 +420,7 @@ def _init(ctx: InitContext) -> GcScheduler:
     ctx.exports.update(
         interval_seconds=str(config.interval_seconds),
         delay_after_delete_seconds=str(config.delay_after_delete_seconds),
+        pause_threshold=str(config.pause_threshold),
     )
     collector = Collector(ctx.hooks, ctx.metadata, on_removed=_publisher(ctx.events))
     return GcScheduler(
@@ -382,6 +428,7 @@ def _init(ctx: InitContext) -> GcScheduler:
         interval_seconds=config.interval_seconds,
         delay_seconds=config.delay_after_delete_seconds,
         startup_delay_seconds=config.startup_delay_seconds,
+        pause_threshold=config.pause_threshold,
     )
 
 

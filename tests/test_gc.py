@@ -427,6 +427,58 @@ def test_negative_delays_are_rejected():
         GcScheduler(CountingCollector(), interval_seconds=-1, delay_seconds=0)
 
 
+@pytest.mark.parametrize("threshold", [0, -0.02, 0.6])
+def test_a_pause_threshold_out_of_range_is_rejected(threshold):
+    with pytest.raises(ValueError, match="pause_threshold"):
+        GcScheduler(CountingCollector(), interval_seconds=0, delay_seconds=0, pause_threshold=threshold)
+
+
+class SlowCollector(CountingCollector):
+    """A collection takes at least ``seconds``; records when each started (monotonic)."""
+
+    def __init__(self, seconds: float = 0.05) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.starts: list[float] = []
+
+    def collect(self) -> GcStats:
+        self.starts.append(time.monotonic())
+        time.sleep(self.seconds)
+        return super().collect()
+
+
+def test_a_scheduled_collection_waits_duration_over_pause_threshold_after_the_previous_start(schedulers):
+    collector = SlowCollector(0.05)
+    scheduler = schedulers(collector, pause_threshold=0.1)
+    scheduler.schedule()
+    assert eventually(lambda: collector.runs == 1)
+    for _ in range(10):  # still coalesce while held back
+        scheduler.schedule()
+    assert eventually(lambda: collector.runs == 2)
+    # the first took >= 0.05 s, so the second may not start before 0.05 / 0.1 = 0.5 s after it
+    assert collector.starts[1] - collector.starts[0] >= 0.49
+    assert scheduler._requested_at is None  # the ten calls were one request, which that run served
+
+
+def test_collect_now_is_not_throttled_but_counts_as_the_previous_collection(schedulers):
+    collector = SlowCollector(0.05)
+    scheduler = schedulers(collector, pause_threshold=0.0001)  # a collection holds the next off >= 500 s
+    scheduler.collect_now()
+    assert scheduler.collect_now() == GcStats(marked=2)  # at once: a throttled one would wait 500 s
+    scheduler.schedule()
+    time.sleep(0.3)
+    assert collector.runs == 2  # the scheduled one waits for the throttle
+
+
+def test_the_startup_collection_counts_as_the_previous_collection(schedulers):
+    collector = SlowCollector(0.05)
+    scheduler = schedulers(collector, startup_delay_seconds=0, pause_threshold=0.0001)
+    assert eventually(lambda: collector.runs == 1)
+    scheduler.schedule()
+    time.sleep(0.3)
+    assert collector.runs == 1
+
+
 # -- the plugin ------------------------------------------------------------------------------------
 
 
@@ -459,7 +511,11 @@ def test_the_gc_plugin_loads_and_collects_what_loaded_plugins_contribute(tmp_pat
         record = loader.records["gc.scheduler"]
         assert record.status is Status.OK, record.reason
         assert isinstance(record.instance, GarbageCollector)
-        assert record.exports == {"interval_seconds": "300.0", "delay_after_delete_seconds": "0.1"}
+        assert record.exports == {
+            "interval_seconds": "300.0",
+            "delay_after_delete_seconds": "0.1",
+            "pause_threshold": "0.02",
+        }
         assert record.instance.collect_now().removed == [content("orphan")]
     finally:
         loader.close()
@@ -500,3 +556,22 @@ def test_a_snapshot_removed_from_a_namespace_is_published_as_snapshot_remove(tmp
 def test_a_negative_interval_is_a_config_error(tmp_path, metadata):
     with pytest.raises(ConfigError, match=r"plugins\.gc\.scheduler: interval_seconds must not be negative"):
         load_gc(tmp_path, metadata, interval_seconds=-1)
+
+
+@pytest.mark.parametrize("threshold", [0, -0.1, 0.6])
+def test_a_pause_threshold_out_of_range_is_a_config_error(tmp_path, metadata, threshold):
+    with pytest.raises(
+        ConfigError, match=r"plugins\.gc\.scheduler: pause_threshold must be greater than 0 and at most 0\.5"
+    ):
+        load_gc(tmp_path, metadata, pause_threshold=threshold)
+
+
+def test_the_pause_threshold_is_configurable(tmp_path, metadata):
+    loader = load_gc(tmp_path, metadata, pause_threshold=0.5, startup_delay_seconds=3600)
+    try:
+        record = loader.records["gc.scheduler"]
+        assert record.status is Status.OK, record.reason
+        assert record.exports["pause_threshold"] == "0.5"
+        assert record.instance._pause_threshold == 0.5
+    finally:
+        loader.close()
