@@ -21,8 +21,9 @@ directory (default /tmp), containerd with its defaults except for the paths. The
   layers). Then ``ctr content ls``, ``ctr images ls`` and their ``-q`` variants are timed (median of
   ``--runs``). ``ctr images ls`` reads each image's manifest twice and its config once (size and
   platform columns), so Info and Read latency count there. The same listings also run against a third
-  subject, the "python grpc floor": a grpcio server set up as containerkitd's that answers with the bytes
-  containerkitd answered, recorded beforehand, doing no work at all (``--no-grpc-floor`` skips it).
+  subject, the "python grpc floor": containerkitd's own gRPC server (``core.server.new_server``) answering
+  with the bytes containerkitd answered, recorded beforehand, doing no work at all (``--no-grpc-floor``
+  skips it).
 
 Afterwards both daemons get SIGTERM by pid, anything mounted under the temp dirs is unmounted and
 everything, the big file included, is removed. Must run as root (containerd needs it).
@@ -441,14 +442,13 @@ def save_answers(daemon: RunningDaemon, path: Path) -> None:
 
 
 def serve_floor(address: str, answers_path: str) -> int:
-    """The "grpc floor" subject: a grpcio server set up as containerkitd's (thread pool, interceptor, message
-    limits) that answers the listings' calls with the bytes :func:`save_answers` recorded, doing no work at all.
+    """The "grpc floor" subject: containerkitd's gRPC server (core.server.new_server, its default limits) that
+    answers the listings' calls with the bytes :func:`save_answers` recorded, doing no work at all.
     Runs until SIGTERM."""
     import signal
-    from concurrent import futures
 
-    from core.daemon import WORKER_THREADS
-    from core.server import MAX_MESSAGE_SIZE, ErrorMapping
+    from core.config import GrpcConfig
+    from core.server import new_server
 
     answers = pickle.loads(Path(answers_path).read_bytes())
 
@@ -470,18 +470,9 @@ def serve_floor(address: str, answers_path: str) -> int:
         "List": grpc.unary_stream_rpc_method_handler(list_content, content_pb2.ListContentRequest.FromString),
     }
     images_calls = {"List": grpc.unary_unary_rpc_method_handler(list_images, images_pb2.ListImagesRequest.FromString)}
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=WORKER_THREADS),
-        interceptors=[ErrorMapping()],
-        handlers=[
-            grpc.method_handlers_generic_handler("containerd.services.content.v1.Content", content_calls),
-            grpc.method_handlers_generic_handler("containerd.services.images.v1.Images", images_calls),
-        ],
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
-            ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
-        ],
-    )
+    server = new_server(GrpcConfig())
+    server.add_registered_method_handlers("containerd.services.content.v1.Content", content_calls)
+    server.add_registered_method_handlers("containerd.services.images.v1.Images", images_calls)
     server.add_insecure_port(f"unix:{address}")
     server.start()
     signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
@@ -607,8 +598,8 @@ def print_table(results: dict[str, Any]) -> None:
             )
     if with_floor:
         print(
-            "\npython grpc floor: a grpcio server set up as containerkitd's that answers Content.List/Info/Read and"
-            " Images.List with containerkitd's recorded answers, doing no work: what any Python daemon on grpcio pays"
+            "\npython grpc floor: containerkitd's gRPC server answering Content.List/Info/Read and Images.List with"
+            " containerkitd's recorded answers, doing no work: what the daemon pays before its handlers' work"
         )
     load = results["loadavg_1min"]
     print(f"\nhost load (1-min average) {load['before']:.2f} before, {load['after']:.2f} after, {load['cpus']} CPUs")
@@ -763,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-grpc-floor",
         action="store_true",
-        help="skip the listings against a grpcio server answering from memory (see the README)",
+        help="skip the listings against our gRPC server answering from memory (see the README)",
     )
     parser.add_argument(
         "--pythonpath",

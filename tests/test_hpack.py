@@ -1,4 +1,4 @@
-"""core.cli.hpack: RFC 7541 Appendix C vectors, encoder round trips and malformed header blocks."""
+"""core.grpcwire.hpack: RFC 7541 Appendix C vectors, encoder round trips and malformed header blocks."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from core.cli import hpack
-from core.cli.hpack import STATIC_TABLE, Decoder, Encoder, HpackError, encode_integer, huffman_decode
+from core.grpcwire import hpack
+from core.grpcwire.hpack import STATIC_TABLE, Decoder, Encoder, HpackError, encode_integer, huffman_decode
 
 AUTHORITY = (":authority", "www.example.com")
 DATE_21 = ("date", "Mon, 21 Oct 2013 20:13:21 GMT")
@@ -323,9 +323,9 @@ def test_hpack_error_is_value_error() -> None:
 
 def test_import_is_light_and_lazy() -> None:
     code = (
-        "import sys; before = set(sys.modules); import core.cli.hpack as h; "
+        "import sys; before = set(sys.modules); import core.grpcwire.hpack as h; "
         "assert h._huffman is None; "
-        "new = set(sys.modules) - before - {'core', 'core.cli', 'core.cli.hpack'}; "
+        "new = set(sys.modules) - before - {'core', 'core.grpcwire', 'core.grpcwire.hpack'}; "
         "assert not new, new"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -23,7 +23,6 @@ import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,14 @@ from test_services_tasks import DEFAULT, SPEC, Served, runc_options
 from test_services_tasks import served as served  # the fixture, shared
 
 from core.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
+from core.config import GrpcConfig
 from core.errors import NotFound, Unavailable
 from core.hookspecs import hookimpl, new_plugin_manager
 from core.metadata.containers import Container
 from core.metadata.networks import NetworkStore
 from core.netns import create_netns, delete_netns, netns_name, netns_path
 from core.network import NetworkConfig
-from core.server import ErrorMapping
+from core.server import new_server
 from core.services.networks import NetworksService, network_namespace
 from core.services.tasks import TasksService
 
@@ -95,7 +95,7 @@ def test_prepare_comes_before_the_runtime_create_and_released_after_delete_or_a_
     hooks.register(recorder)
     runtimes = {"io.containerd.runc.v2": served.runtime}
     service = TasksService(served.containers, served.snapshots, runtimes, served.recorder, hooks)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[ErrorMapping()])
+    server = new_server(GrpcConfig())
     service.register(server)
     server.add_insecure_port(f"unix:{served.directory / 'hooked'}")
     server.start()

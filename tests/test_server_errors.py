@@ -1,19 +1,19 @@
-"""core.server.ErrorMapping: core errors become their gRPC codes; a handler's own context.abort is kept."""
+"""core.server.error_status with the daemon's server: core errors become their gRPC codes; a handler's own context.abort is kept."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from core.config import GrpcConfig
 from core.errors import NotFound, OutOfRange
-from core.server import ErrorMapping
+from core.server import new_server
 
 
 def _raise(err: Exception) -> Callable[[Any, grpc.ServicerContext], Any]:
@@ -44,7 +44,7 @@ HANDLERS = {
 @pytest.fixture
 def channel() -> Iterator[grpc.Channel]:
     directory = Path(tempfile.mkdtemp(prefix="ck-err-", dir="/tmp"))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[ErrorMapping()])
+    server = new_server(GrpcConfig())
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Errors", HANDLERS)])
     server.add_insecure_port(f"unix:{directory / 'sock'}")
     server.start()

@@ -7,7 +7,6 @@ import json
 import shutil
 import tempfile
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,12 @@ from test_services_events import DEFAULT, Recorder
 from core.api.containerd.events import container_pb2 as events_pb
 from core.api.containerd.services.containers.v1 import containers_pb2 as pb
 from core.api.containerd.services.containers.v1 import containers_pb2_grpc as pb_grpc
+from core.config import GrpcConfig
 from core.errors import NotFound
 from core.hookspecs import hookimpl, new_plugin_manager
 from core.metadata import MetadataStore
 from core.metadata.containers import SPEC_TYPE_URL, ContainerStore
-from core.server import ErrorMapping
+from core.server import new_server
 from core.services.containers import ContainersService
 
 SPEC = b'{"ociVersion":"1.0.2-dev", "process": {"env": ["A=1"]}, "zz": 1}'  # not as Python would encode it
@@ -53,7 +53,7 @@ def served() -> Iterator[tuple[Any, Recorder, SpecHook, ContainersService]]:
     recorder, hook, hooks = Recorder(), SpecHook(), new_plugin_manager()
     hooks.register(hook)
     service = ContainersService(ContainerStore(store), recorder, hooks, recorder)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[ErrorMapping()])
+    server = new_server(GrpcConfig())
     service.register(server)
     server.add_insecure_port(f"unix:{directory / 'sock'}")
     server.start()

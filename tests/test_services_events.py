@@ -8,7 +8,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,12 @@ from core.api.containerd.services.events.v1 import events_pb2, events_pb2_grpc
 from core.api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
 from core.api.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
 from core.api.containerd.types import descriptor_pb2
+from core.config import GrpcConfig
 from core.digest import Digest
 from core.events import Exchange
 from core.hookspecs import hookimpl, new_plugin_manager
 from core.metadata import ContentMetadata, ImageStore, LeaseStore, MetadataStore
-from core.server import ErrorMapping
+from core.server import new_server
 from core.services.content import ContentService
 from core.services.events import EventsService
 from core.services.images import ImagesService
@@ -66,7 +66,7 @@ def served() -> Iterator[tuple[grpc.Channel, Recorder, dict[str, Any]]]:
         "images": ImagesService(ImageStore(store), recorder, recorder),
         "leases": LeasesService(LeaseStore(store), recorder),
     }
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[ErrorMapping()])
+    server = new_server(GrpcConfig())
     for service in services.values():
         service.register(server)
     server.add_insecure_port(f"unix:{directory / 'sock'}")
@@ -166,7 +166,7 @@ def exchanged() -> Iterator[tuple[Any, Exchange, Observer, EventsService]]:
     hooks.register(observer)
     exchange = Exchange(hooks)
     service = EventsService(exchange)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[ErrorMapping()])
+    server = new_server(GrpcConfig())
     service.register(server)
     server.add_insecure_port(f"unix:{directory / 'sock'}")
     server.start()

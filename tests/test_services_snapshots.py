@@ -11,7 +11,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,11 @@ from core.api.containerd.events import snapshot_pb2 as events_pb
 from core.api.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
 from core.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from core.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from core.config import GrpcConfig
 from core.metadata import LeaseResource, LeaseStore, MetadataStore
 from core.metadata.snapshots import SnapshotKind, SnapshotMetadata
 from core.mount import temp_mount
-from core.server import ErrorMapping
+from core.server import new_server
 from core.services._convert import mounts_of
 from core.services.snapshots import SnapshotsService, info_of, info_pb, mounts_pb
 from core.snapshot import Info, Kind
@@ -68,7 +68,7 @@ class Served:
         self.backend = OverlaySnapshotter(directory / "overlay")
         self.recorder = Recorder()
         self.service = SnapshotsService(SnapshotMetadata(self.store, {SN: self.backend}), self.recorder, self.recorder)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[ErrorMapping()])
+        self.server = new_server(GrpcConfig())
         self.service.register(self.server)
         self.server.add_insecure_port(f"unix:{directory / 'sock'}")
         self.server.start()

@@ -16,7 +16,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent import futures
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from core.api.containerd.services.tasks.v1 import tasks_pb2 as pb
 from core.api.containerd.services.tasks.v1 import tasks_pb2_grpc as pb_grpc
 from core.api.containerd.types import mount_pb2
 from core.api.containerd.types.task import task_pb2
+from core.config import GrpcConfig
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from core.metadata import MetadataStore
 from core.metadata.containers import Container, ContainerStore
@@ -49,7 +49,7 @@ from core.runtime import (
     TaskState,
     TaskStatus,
 )
-from core.server import ErrorMapping
+from core.server import new_server
 from core.services.tasks import TasksService, runtimes_by_name
 from plugins.snapshot_overlay import OverlaySnapshotter
 
@@ -287,7 +287,7 @@ class Served:
         self.other = MemoryRuntime(self.recorder)
         runtimes = {"runc": self.runtime, "io.containerd.runc.v2": self.runtime, "other": self.other}
         self.service = TasksService(self.containers, self.snapshots, runtimes, self.recorder)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[ErrorMapping()])
+        self.server = new_server(GrpcConfig())
         self.service.register(self.server)
         self.server.add_insecure_port(f"unix:{directory / 'sock'}")
         self.server.start()

@@ -15,7 +15,6 @@ connects again.
 from __future__ import annotations
 
 import contextlib
-import enum
 import queue
 import socket
 import struct
@@ -25,31 +24,11 @@ import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from core.cli.hpack import Decoder, Encoder, HpackError
+from core.grpcwire import http2
+from core.grpcwire.hpack import Decoder, Encoder, HpackError
+from core.grpcwire.status import MESSAGE_PREFIX, StatusCode, percent_decode, timeout_header
 
 __all__ = ["Channel", "RpcError", "StatusCode", "stub"]
-
-
-class StatusCode(enum.Enum):
-    """gRPC's status codes, by the names grpcio uses; the value is the code on the wire."""
-
-    OK = 0
-    CANCELLED = 1
-    UNKNOWN = 2
-    INVALID_ARGUMENT = 3
-    DEADLINE_EXCEEDED = 4
-    NOT_FOUND = 5
-    ALREADY_EXISTS = 6
-    PERMISSION_DENIED = 7
-    RESOURCE_EXHAUSTED = 8
-    FAILED_PRECONDITION = 9
-    ABORTED = 10
-    OUT_OF_RANGE = 11
-    UNIMPLEMENTED = 12
-    INTERNAL = 13
-    UNAVAILABLE = 14
-    DATA_LOSS = 15
-    UNAUTHENTICATED = 16
 
 
 class RpcError(Exception):
@@ -70,18 +49,7 @@ class RpcError(Exception):
         return f"{self._details} ({self._code.name})"
 
 
-# HTTP/2 (RFC 9113) frame types, flags, settings and error codes used here.
-_DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = 0, 1, 3, 4, 6, 7, 8, 9
-_END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
-_SETTINGS_ENABLE_PUSH, _SETTINGS_MAX_CONCURRENT_STREAMS, _SETTINGS_INITIAL_WINDOW_SIZE = 2, 3, 4
-_SETTINGS_MAX_FRAME_SIZE = 5
-_NO_ERROR, _REFUSED_STREAM, _CANCEL = 0x0, 0x7, 0x8
-_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_FRAME_HEADER = struct.Struct(">BHBBI")  # length as 1 + 2 bytes, type, flags, stream id
-_DEFAULT_WINDOW = 65535
-_MAX_WINDOW = 2**31 - 1
 _WINDOW_TOP_UP = 1 << 24  # consumed bytes that trigger a WINDOW_UPDATE
-_MESSAGE_PREFIX = struct.Struct(">BI")  # compressed flag, length
 _HTTP_STATUS_CODES = {
     400: StatusCode.INTERNAL,
     401: StatusCode.UNAUTHENTICATED,
@@ -92,42 +60,6 @@ _HTTP_STATUS_CODES = {
     503: StatusCode.UNAVAILABLE,
     504: StatusCode.UNAVAILABLE,
 }
-_TIMEOUT_UNITS = (("n", 1e9), ("u", 1e6), ("m", 1e3), ("S", 1.0), ("M", 1 / 60), ("H", 1 / 3600))
-
-
-def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    length = len(payload)
-    return _FRAME_HEADER.pack(length >> 16, length & 0xFFFF, kind, flags, stream_id) + payload
-
-
-def _timeout_header(seconds: float) -> str:
-    """A ``grpc-timeout`` value: at most 8 digits, in the finest unit that fits."""
-    for unit, per_second in _TIMEOUT_UNITS:
-        value = max(0, int(seconds * per_second))
-        if value < 10**8:
-            return f"{value}{unit}"
-    return "99999999H"
-
-
-def _percent_decode(text: str) -> str:
-    """A ``grpc-message`` as sent: percent-encoded UTF-8 (invalid sequences replaced)."""
-    if "%" not in text:
-        return text
-    raw = text.encode("latin-1", "replace")
-    out = bytearray()
-    i = 0
-    while i < len(raw):
-        if raw[i] == 0x25 and i + 2 < len(raw) and _is_hex(raw[i + 1 : i + 3]):
-            out.append(int(raw[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out.append(raw[i])
-            i += 1
-    return out.decode("utf-8", "replace")
-
-
-def _is_hex(pair: bytes) -> bool:
-    return len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair)
 
 
 def _status_of(headers: list[tuple[str, str]]) -> RpcError | None:
@@ -145,7 +77,7 @@ def _status_of(headers: list[tuple[str, str]]) -> RpcError | None:
         code = StatusCode.UNKNOWN
     if code is StatusCode.OK:
         return None
-    return RpcError(code, _percent_decode(fields.get("grpc-message", "")))
+    return RpcError(code, percent_decode(fields.get("grpc-message", "")))
 
 
 class _Stream:
@@ -183,15 +115,21 @@ class _Connection:
         self.next_id = 1
         self.usable = True  # False after a GOAWAY or once the connection is lost: no new streams
         self.failure_details = ""  # why the connection is lost
-        self.send_window = _DEFAULT_WINDOW
-        self.peer_initial_window = _DEFAULT_WINDOW
+        self.send_window = http2.DEFAULT_WINDOW
+        self.peer_initial_window = http2.DEFAULT_WINDOW
         self.peer_max_frame = 16384
         self.peer_max_streams = 2**31
         self.unacknowledged = 0  # connection-level bytes received but not yet given back
         self.encoder = Encoder()
-        settings = struct.pack(">HIHI", _SETTINGS_ENABLE_PUSH, 0, _SETTINGS_INITIAL_WINDOW_SIZE, _MAX_WINDOW)
-        increment = struct.pack(">I", _MAX_WINDOW - _DEFAULT_WINDOW)
-        self.write(_PREFACE + _frame(_SETTINGS, 0, 0, settings) + _frame(_WINDOW_UPDATE, 0, 0, increment))
+        settings = struct.pack(
+            ">HIHI", http2.SETTINGS_ENABLE_PUSH, 0, http2.SETTINGS_INITIAL_WINDOW_SIZE, http2.MAX_WINDOW
+        )
+        increment = struct.pack(">I", http2.MAX_WINDOW - http2.DEFAULT_WINDOW)
+        self.write(
+            http2.PREFACE
+            + http2.frame(http2.SETTINGS, 0, 0, settings)
+            + http2.frame(http2.WINDOW_UPDATE, 0, 0, increment)
+        )
         threading.Thread(target=self._read_loop, name="ckctl-rpc-reader", daemon=True).start()
 
     # -- writing ------------------------------------------------------------------------------------
@@ -225,7 +163,12 @@ class _Connection:
                 block = self.encoder.encode(headers)
                 chunks = [block[i : i + size] for i in range(0, len(block), size)] or [b""]
                 frames = [
-                    _frame(_CONTINUATION if i else _HEADERS, _END_HEADERS if i == len(chunks) - 1 else 0, stream.id, c)
+                    http2.frame(
+                        http2.CONTINUATION if i else http2.HEADERS,
+                        http2.END_HEADERS if i == len(chunks) - 1 else 0,
+                        stream.id,
+                        c,
+                    )
                     for i, c in enumerate(chunks)
                 ]
                 try:
@@ -258,7 +201,9 @@ class _Connection:
                         stream.send_window -= size
                         last = size == len(view)
                         stream.sent_end = last and end_stream
-                    frame = _frame(_DATA, _END_STREAM if stream.sent_end else 0, stream.id, bytes(view[:size]))
+                    frame = http2.frame(
+                        http2.DATA, http2.END_STREAM if stream.sent_end else 0, stream.id, bytes(view[:size])
+                    )
                     self.sock.sendall(frame)
             except OSError as err:
                 raise self._lose(f"Socket closed ({err.strerror or err})") from None
@@ -266,14 +211,14 @@ class _Connection:
             if last:
                 return True
 
-    def reset(self, stream: _Stream, code: int = _CANCEL) -> None:
+    def reset(self, stream: _Stream, code: int = http2.CANCEL) -> None:
         """End ``stream`` from our side with RST_STREAM (nothing when it is already over)."""
         with self.state:
             if stream.closed:
                 return
             self._forget(stream)
         with contextlib.suppress(RpcError):
-            self.write(_frame(_RST_STREAM, 0, stream.id, struct.pack(">I", code)))
+            self.write(http2.frame(http2.RST_STREAM, 0, stream.id, struct.pack(">I", code)))
 
     def consumed(self, stream: _Stream | None, size: int) -> None:
         """Give ``size`` bytes of ``stream``'s received DATA (of no open stream: None) back to the windows,
@@ -282,12 +227,12 @@ class _Connection:
         with self.state:
             self.unacknowledged += size
             if self.unacknowledged >= _WINDOW_TOP_UP:
-                updates += _frame(_WINDOW_UPDATE, 0, 0, struct.pack(">I", self.unacknowledged))
+                updates += http2.frame(http2.WINDOW_UPDATE, 0, 0, struct.pack(">I", self.unacknowledged))
                 self.unacknowledged = 0
             if stream is not None and not stream.closed:
                 stream.unacknowledged += size
                 if stream.unacknowledged >= _WINDOW_TOP_UP:
-                    updates += _frame(_WINDOW_UPDATE, 0, stream.id, struct.pack(">I", stream.unacknowledged))
+                    updates += http2.frame(http2.WINDOW_UPDATE, 0, stream.id, struct.pack(">I", stream.unacknowledged))
                     stream.unacknowledged = 0
         if updates:
             with contextlib.suppress(RpcError):  # the calls learn of a lost connection from the reader
@@ -325,34 +270,36 @@ class _Connection:
                 kind, flags, stream_id = buffer[3], buffer[4], int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
                 payload = bytes(buffer[9 : 9 + length])
                 del buffer[: 9 + length]
-                if block_stream and kind != _CONTINUATION:
+                if block_stream and kind != http2.CONTINUATION:
                     raise _ConnectionLost("protocol error: a header block was interrupted")
-                if kind == _DATA:
+                if kind == http2.DATA:
                     self._on_data(flags, stream_id, payload)
-                elif kind == _HEADERS or (kind == _CONTINUATION and block_stream):
-                    if kind == _HEADERS:
+                elif kind == http2.HEADERS or (kind == http2.CONTINUATION and block_stream):
+                    if kind == http2.HEADERS:
                         block_stream, block_flags = stream_id, flags
-                        payload = _unpad(flags, payload)[5 if flags & _PRIORITY else 0 :]
+                        payload = http2.unpad(flags, payload)[5 if flags & http2.PRIORITY_FLAG else 0 :]
                     block += payload
-                    if flags & _END_HEADERS:
+                    if flags & http2.END_HEADERS:
                         headers = decoder.decode(bytes(block))
                         block.clear()
-                        self._on_headers(block_stream, bool(block_flags & _END_STREAM), headers)
+                        self._on_headers(block_stream, bool(block_flags & http2.END_STREAM), headers)
                         block_stream = 0
-                elif kind == _RST_STREAM:
+                elif kind == http2.RST_STREAM:
                     self._on_reset(stream_id, int.from_bytes(payload[:4], "big"))
-                elif kind == _SETTINGS and not flags & _ACK:
+                elif kind == http2.SETTINGS and not flags & http2.ACK:
                     self._on_settings(payload)
-                elif kind == _PING and not flags & _ACK:
-                    self.write(_frame(_PING, _ACK, 0, payload))
-                elif kind == _GOAWAY:
+                elif kind == http2.PING and not flags & http2.ACK:
+                    self.write(http2.frame(http2.PING, http2.ACK, 0, payload))
+                elif kind == http2.GOAWAY:
                     self._on_goaway(int.from_bytes(payload[:4], "big") & 0x7FFFFFFF, payload[8:])
-                elif kind == _WINDOW_UPDATE:
+                elif kind == http2.WINDOW_UPDATE:
                     self._on_window_update(stream_id, int.from_bytes(payload[:4], "big") & 0x7FFFFFFF)
         except _ConnectionLost as err:
             self._lose(str(err))
         except HpackError as err:
             self._lose(f"protocol error: bad header block: {err}")
+        except ValueError as err:  # bad padding
+            self._lose(f"protocol error: {err}")
         except OSError as err:
             self._lose(f"Socket closed ({err.strerror or err})")
         except RpcError:
@@ -364,8 +311,8 @@ class _Connection:
         if stream is None:  # a stream we gave up: its bytes still count against the connection window
             self.consumed(None, len(payload))
             return
-        stream.events.put(("data", (_unpad(flags, payload), len(payload))))
-        if flags & _END_STREAM:
+        stream.events.put(("data", (http2.unpad(flags, payload), len(payload))))
+        if flags & http2.END_STREAM:
             stream.events.put(("end", None))
             self._remote_ended(stream)
 
@@ -384,7 +331,7 @@ class _Connection:
             self._forget(stream)
         if still_sending:
             with contextlib.suppress(RpcError):
-                self.write(_frame(_RST_STREAM, 0, stream.id, struct.pack(">I", _NO_ERROR)))
+                self.write(http2.frame(http2.RST_STREAM, 0, stream.id, struct.pack(">I", http2.NO_ERROR)))
 
     def _on_reset(self, stream_id: int, code: int) -> None:
         with self.state:
@@ -393,9 +340,9 @@ class _Connection:
                 return
             self._forget(stream)
         status = {
-            _NO_ERROR: StatusCode.INTERNAL,
-            _REFUSED_STREAM: StatusCode.UNAVAILABLE,
-            _CANCEL: StatusCode.CANCELLED,
+            http2.NO_ERROR: StatusCode.INTERNAL,
+            http2.REFUSED_STREAM: StatusCode.UNAVAILABLE,
+            http2.CANCEL: StatusCode.CANCELLED,
         }
         error = RpcError(status.get(code, StatusCode.INTERNAL), f"Received RST_STREAM with error code {code}")
         stream.events.put(("error", error))
@@ -408,16 +355,16 @@ class _Connection:
                 with self.state:
                     for offset in range(0, len(payload) - 5, 6):
                         key, value = struct.unpack_from(">HI", payload, offset)
-                        if key == _SETTINGS_INITIAL_WINDOW_SIZE:
+                        if key == http2.SETTINGS_INITIAL_WINDOW_SIZE:
                             for stream in self.streams.values():
                                 stream.send_window += value - self.peer_initial_window
                             self.peer_initial_window = value
-                        elif key == _SETTINGS_MAX_FRAME_SIZE:
+                        elif key == http2.SETTINGS_MAX_FRAME_SIZE:
                             self.peer_max_frame = value
-                        elif key == _SETTINGS_MAX_CONCURRENT_STREAMS:
+                        elif key == http2.SETTINGS_MAX_CONCURRENT_STREAMS:
                             self.peer_max_streams = value
                     self.state.notify_all()
-                self.sock.sendall(_frame(_SETTINGS, _ACK, 0))
+                self.sock.sendall(http2.frame(http2.SETTINGS, http2.ACK, 0))
         except OSError as err:
             raise self._lose(f"Socket closed ({err.strerror or err})") from None
 
@@ -454,13 +401,6 @@ class _Connection:
         return RpcError(StatusCode.UNAVAILABLE, self.failure_details)
 
 
-def _unpad(flags: int, payload: bytes) -> bytes:
-    """A DATA or HEADERS payload without its padding."""
-    if not flags & _PADDED:
-        return payload
-    return payload[1 : len(payload) - payload[0]]
-
-
 class _Call:
     """One call in progress: sends its requests and reads its responses (an iterator of messages)."""
 
@@ -490,7 +430,7 @@ class _Call:
             ("user-agent", "containerkit-ckctl"),
         ]
         if timeout is not None:
-            self._headers.append(("grpc-timeout", _timeout_header(timeout)))
+            self._headers.append(("grpc-timeout", timeout_header(timeout)))
         self._headers += [(key.lower(), value) for key, value in metadata or ()]
         self._connection = channel._connection()
         self._stream: _Stream | None = None
@@ -507,7 +447,7 @@ class _Call:
 
     def _message(self, request: Any) -> bytes:
         data = self._serializer(request)
-        return _MESSAGE_PREFIX.pack(0, len(data)) + data
+        return MESSAGE_PREFIX.pack(0, len(data)) + data
 
     def _send_all(self, requests: Iterator[Any]) -> None:
         assert self._stream is not None
@@ -552,7 +492,7 @@ class _Call:
     def _take_message(self) -> bytes | None:
         if len(self._buffer) < 5:
             return None
-        compressed, length = _MESSAGE_PREFIX.unpack_from(self._buffer)
+        compressed, length = MESSAGE_PREFIX.unpack_from(self._buffer)
         if compressed:
             self._fail(RpcError(StatusCode.INTERNAL, "the server sent a compressed message"))
             return None

@@ -1,4 +1,4 @@
-"""HPACK (RFC 7541) header compression for ckctl's HTTP/2 client.
+"""HPACK (RFC 7541) header compression for containerkit's HTTP/2 gRPC client (ckctl) and server (the daemon).
 
 ``Encoder`` emits only "literal header field without indexing, new name" representations with raw (non-Huffman)
 strings: always valid, never touches the peer's dynamic table. ``Decoder`` accepts everything a server may send:
