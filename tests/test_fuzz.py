@@ -3,12 +3,14 @@
 Targets: the layer applier (``core.diff``: generated tar streams with hostile names, ``..``, absolute
 paths, symlink and hardlink escapes, devices, whiteouts, PAX/GNU headers, huge numbers, truncation,
 flipped bytes, gzip/zstd), the OCI index/manifest/config parsers and ``resolve_image`` (``core.oci``),
-the reference parser (``core.distribution.reference``), the filter language (``core.filters``) and the
-config loader (``core.config``).
+the reference parser (``core.distribution.reference``), the filter language (``core.filters``), the
+config loader (``core.config``) and the daemon's gRPC server (``core.grpcwire.server``: generated HTTP/2
+frame sequences, valid calls among them, on a live server).
 
 The property: no exception but the documented ones (``core.errors.*``; ``ConfigError`` for the config;
 for the applier also an ``OSError`` naming the entry), and the applier writes nothing outside its
-target root (a sentinel directory and a lower layer beside it are compared before and after).
+target root (a sentinel directory and a lower layer beside it are compared before and after). The server
+ends or answers every connection, and afterwards still serves, with no call left open.
 
 Every run first replays ``tests/fuzz_corpus/<target>/`` (seeds and every crash found), then runs a
 small deterministic batch per target. ``CONTAINERKIT_FUZZ_SECONDS=N`` keeps each target going with
@@ -22,6 +24,7 @@ import gzip
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -44,6 +47,8 @@ from core.digest import Digest
 from core.distribution.reference import Reference, is_local_host
 from core.errors import ContainerkitError, NotFound
 from core.filters import parse as parse_filters
+from core.grpcwire import http2
+from core.grpcwire.hpack import Encoder
 from core.types import Descriptor, Mount
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
@@ -542,7 +547,100 @@ def test_fuzz_config_tables(robustness: Any) -> None:
     fuzz(robustness, "config-tables", json.loads, TABLES, check_config_table, examples=200)
 
 
-@pytest.mark.parametrize("target", ["layers", "oci", "reference", "filters", "config", "config-tables"])
+# -- the gRPC server ---------------------------------------------------------------------------
+
+ECHO = "/fuzz.Echo/Call"
+STREAM_IDS = st.sampled_from([0, 1, 1, 1, 2, 3, 5, 2**31 - 1])
+FRAME_TYPES = st.one_of(st.integers(0, 9), st.integers(0, 9), st.integers(10, 255))
+
+
+def _request_block(path: str) -> bytes:
+    return Encoder().encode(
+        [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "x"),
+         ("content-type", "application/grpc"), ("te", "trailers")]
+    )  # fmt: skip
+
+
+CALL_PIECES = st.sampled_from(
+    [
+        http2.frame(http2.HEADERS, http2.END_HEADERS, 1, _request_block(ECHO)),
+        http2.frame(http2.HEADERS, http2.END_HEADERS, 3, _request_block("/fuzz.Echo/Missing")),
+        http2.frame(http2.DATA, http2.END_STREAM, 1, b"\0\0\0\0\3abc"),
+        http2.frame(http2.DATA, 0, 1, b"\0\xff\xff\xff\xff"),
+        http2.frame(http2.DATA, 0, 1, b"\1\0\0\0\2ab"),
+        http2.frame(http2.SETTINGS, 0, 0, b"\0\4\0\0\0\0"),
+        http2.frame(http2.WINDOW_UPDATE, 0, 1, b"\x7f\xff\xff\xff"),
+        http2.frame(http2.RST_STREAM, 0, 1, b"\0\0\0\x08"),
+    ]
+)
+RANDOM_FRAMES = st.builds(
+    lambda kind, flags, stream, payload: http2.frame(kind, flags, stream, payload),
+    FRAME_TYPES,
+    st.integers(0, 255),
+    STREAM_IDS,
+    st.binary(max_size=48),
+)
+H2_INPUTS = st.one_of(
+    st.lists(st.one_of(CALL_PIECES, RANDOM_FRAMES), max_size=8).map(lambda frames: http2.PREFACE + b"".join(frames)),
+    st.binary(max_size=80).map(lambda data: http2.PREFACE + data),
+    st.binary(max_size=40),
+)
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server() -> typing.Iterator[tuple[Any, str]]:
+    """A live daemon gRPC server (core.server.new_server) with one echo method, and its socket path."""
+    import grpc
+
+    from core.config import GrpcConfig
+    from core.server import new_server
+
+    directory = tempfile.mkdtemp(prefix="ck-fuzz-h2-", dir="/tmp")
+    address = f"{directory}/sock"
+    server = new_server(GrpcConfig())
+    handlers = {"Call": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("fuzz.Echo", handlers)])
+    server.add_insecure_port(f"unix:{address}")
+    server.start()
+    try:
+        yield server, address
+    finally:
+        server.stop(None).wait(10)
+        with contextlib.suppress(OSError):
+            os.unlink(address)
+        os.rmdir(directory)
+
+
+def check_http2(server: Any, address: str, data: bytes) -> None:
+    """The server takes ``data`` from a client that then stops sending, answers or closes, and closes the
+    connection once the client does; its I/O thread lives on."""
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(10)
+        client.connect(address)
+        with contextlib.suppress(OSError):  # the server may close first, on a protocol error
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ConnectionResetError):
+            while client.recv(65536):
+                pass
+    assert server._thread.is_alive()
+
+
+def test_fuzz_http2_server(robustness: Any, fuzzed_server: tuple[Any, str]) -> None:
+    """Generated HTTP/2 input leaves the server alive, serving, and with no call open."""
+    import grpc
+
+    server, address = fuzzed_server
+    fuzz(robustness, "http2", bytes, H2_INPUTS, lambda data: check_http2(server, address, data), examples=300)
+    with grpc.insecure_channel(f"unix:{address}") as channel:
+        assert channel.unary_unary(ECHO)(b"still serving", timeout=10) == b"still serving"
+    deadline = time.monotonic() + 10
+    while server._open_calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server._open_calls == 0
+
+
+@pytest.mark.parametrize("target", ["layers", "oci", "reference", "filters", "config", "config-tables", "http2"])
 def test_every_target_has_a_corpus(target: str) -> None:
     """Each target replays committed seeds."""
     assert corpus(target), f"tests/fuzz_corpus/{target}/ holds no inputs"

@@ -31,6 +31,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 import zlib
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Sequence
@@ -128,7 +129,7 @@ class Server:
         self._stopping = False
         self._closing = False  # the grace period is over: the I/O thread closes everything and ends
         self._stopped = threading.Event()
-        self._deadlines: list[tuple[float, int, _Call]] = []  # I/O thread only
+        self._deadlines: list[tuple[float, int, weakref.ref[_Call]]] = []  # I/O thread only; weak: ended calls go
         self._sequence = itertools.count()
         self._thread = threading.Thread(target=self._run, name="grpc-io", daemon=True)
 
@@ -296,8 +297,9 @@ class Server:
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, call = heapq.heappop(self._deadlines)
-            call.end(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            _, _, ref = heapq.heappop(self._deadlines)
+            if (call := ref()) is not None:  # an open call is in its connection's table, so alive
+                call.end(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
     # -- called by connections ----------------------------------------------------------------------
 
@@ -308,7 +310,7 @@ class Server:
                 return False
             self._open_calls += 1
         if call.deadline is not None:
-            heapq.heappush(self._deadlines, (call.deadline, next(self._sequence), call))
+            heapq.heappush(self._deadlines, (call.deadline, next(self._sequence), weakref.ref(call)))
         return True
 
     def call_ended(self) -> None:

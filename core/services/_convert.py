@@ -13,10 +13,10 @@ def timestamp(when: datetime | None) -> Any:
     """A ``google.protobuf.Timestamp`` for ``when`` (naive datetimes are taken as UTC)."""
     from google.protobuf import timestamp_pb2
 
-    out = timestamp_pb2.Timestamp()
-    if when is not None and when != EPOCH:
-        out.FromDatetime(when if when.tzinfo else when.replace(tzinfo=UTC))
-    return out
+    if when is None or when == EPOCH:
+        return timestamp_pb2.Timestamp()
+    since = (when if when.tzinfo else when.replace(tzinfo=UTC)) - EPOCH  # exact: no float on the way
+    return timestamp_pb2.Timestamp(seconds=since.days * 86400 + since.seconds, nanos=since.microseconds * 1000)
 
 
 def datetime_of(stamp: Any) -> datetime:
