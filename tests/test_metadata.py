@@ -419,6 +419,43 @@ def test_busy_database_is_unavailable(tmp_path: Path) -> None:
             pass
 
 
+def test_a_writer_of_the_same_store_waits_in_turn_then_is_unavailable(tmp_path: Path) -> None:
+    """Writers of one store in one process queue on the store's own lock: the next one goes as soon as the
+    holder commits, and one that waits longer than busy_timeout gets Unavailable, as at sqlite's lock."""
+    with MetadataStore(tmp_path / "meta.db", busy_timeout=1.0) as store:
+        holding, release = threading.Event(), threading.Event()
+        outcome: list[str] = []
+
+        def hold() -> None:
+            with store.transaction() as conn:
+                conn.execute("INSERT INTO namespaces (name, created_at, updated_at) VALUES ('held', 0, 0)")
+                holding.set()
+                release.wait(10)
+
+        def write() -> None:
+            try:
+                with store.transaction() as conn:
+                    conn.execute("INSERT INTO namespaces (name, created_at, updated_at) VALUES ('next', 0, 0)")
+                outcome.append("written")
+            except Unavailable as err:
+                outcome.append(str(err))
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert holding.wait(10)
+        write()  # waits 1 s behind the holder, then gives up
+        assert len(outcome) == 1 and "locked by another writer" in outcome[0]
+        waiter = threading.Thread(target=write)
+        waiter.start()
+        release.set()
+        holder.join(10)
+        waiter.join(10)
+        assert outcome[1] == "written"
+        with store.read() as conn:
+            names = {row[0] for row in conn.execute("SELECT name FROM namespaces")}
+        assert {"held", "next"} <= names
+
+
 def test_closed_store_is_unavailable(tmp_path: Path) -> None:
     store = MetadataStore(tmp_path / "meta.db")
     store.close()

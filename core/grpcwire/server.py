@@ -120,6 +120,7 @@ class Server:
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
         self._listeners: list[socket.socket] = []
+        self.receive_buffer = memoryview(bytearray(_RECV_SIZE))  # the I/O thread's, reused by every read
         self._lock = threading.Condition()  # guards the fields below
         self._connections: set[_Connection] = set()
         self._to_flush: set[_Connection] = set()  # connections whose output waits for the socket
@@ -286,13 +287,16 @@ class Server:
             self._wake_writer.send(b"\0")
 
     def _drain_wake(self) -> None:
-        with self._lock:
-            self._woken = False
+        # Drained first, then cleared: a byte sent after the clear and drained with the rest would leave _woken
+        # set with nothing to read, and every later _wake() a no-op. A waker that finds the flag still set
+        # changed its state before, and the loop reads the state after this.
         try:
             while self._wake_reader.recv(4096):
                 pass
         except (BlockingIOError, OSError):
             pass
+        with self._lock:
+            self._woken = False
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
@@ -461,17 +465,18 @@ class _Connection:
     # -- input (I/O thread) -------------------------------------------------------------------------
 
     def on_readable(self) -> None:
+        buffer = self.server.receive_buffer
         try:
-            data = self.sock.recv(_RECV_SIZE)
+            size = self.sock.recv_into(buffer)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as err:
             self.lost(f"the connection broke: {err.strerror or err}")
             return
-        if not data:
+        if not size:
             self.lost("the client closed the connection")
             return
-        self.input += data
+        self.input += buffer[:size]
         try:
             self.parse()
         except _ConnectionError as err:

@@ -101,6 +101,7 @@ class MetadataStore:
         self._synchronous = synchronous
         self._local = _ThreadState()
         self._lock = threading.Lock()
+        self._writer = threading.Lock()  # held by this process's write transaction, from BEGIN to COMMIT
         self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._closed = False
         self._server_uuid: str | None = None
@@ -145,8 +146,10 @@ class MetadataStore:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction: ``BEGIN IMMEDIATE``, yield the connection, ``COMMIT``; ``ROLLBACK`` on any exception.
 
-        ``BEGIN IMMEDIATE`` takes the write lock up front (waiting up to ``busy_timeout``), so the
-        body never fails half-way for lock reasons and sees a state no one else changes under it.
+        ``BEGIN IMMEDIATE`` takes the write lock up front, so the body never fails half-way for lock
+        reasons and sees a state no one else changes under it. This store's writers first queue on a lock
+        of the process's own, then on sqlite's (another process), each for up to ``busy_timeout``;
+        Unavailable when that passes.
         Nested use on the same thread joins the outer transaction through a ``SAVEPOINT``: an
         exception out of the inner block undoes the inner block only, and nothing is durable before
         the outermost block commits. Starting a transaction inside :meth:`read` raises
@@ -164,21 +167,32 @@ class MetadataStore:
                 with self._savepoint(conn, state):
                     yield conn
                 return
-            conn.execute("BEGIN IMMEDIATE")
-            state.mode, state.depth = "write", 1
+            # This process's writers queue here, and are woken as soon as the one before commits; at sqlite's
+            # lock they would poll with sleeps of 1, 2, 5, 10... ms (its busy handler), which under a burst of
+            # concurrent calls left the lock idle while they slept.
+            if not self._writer.acquire(timeout=self._busy_timeout):
+                raise Unavailable(
+                    f"metadata store {self._path} stayed locked by another writer for more than "
+                    f"{self._busy_timeout:g}s; retry"
+                )
             try:
-                yield conn
-                if not conn.in_transaction:
-                    raise RuntimeError(
-                        "metadata: the transaction was aborted by sqlite after an error inside it "
-                        "(the error was caught and ignored); its changes are lost"
-                    )
-                conn.execute("COMMIT")
-            except BaseException:
-                _rollback(conn, "ROLLBACK")
-                raise
+                conn.execute("BEGIN IMMEDIATE")
+                state.mode, state.depth = "write", 1
+                try:
+                    yield conn
+                    if not conn.in_transaction:
+                        raise RuntimeError(
+                            "metadata: the transaction was aborted by sqlite after an error inside it "
+                            "(the error was caught and ignored); its changes are lost"
+                        )
+                    conn.execute("COMMIT")
+                except BaseException:
+                    _rollback(conn, "ROLLBACK")
+                    raise
+                finally:
+                    state.mode, state.depth = None, 0
             finally:
-                state.mode, state.depth = None, 0
+                self._writer.release()
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
