@@ -885,9 +885,16 @@ class _Call:
     # -- response side (a worker) -------------------------------------------------------------------
 
     def run(self) -> None:
-        """Run the handler and send its outcome."""
+        """Run the handler and send its outcome; the call ends, whatever the handler or its outcome raise."""
         if self.ended:  # past its deadline, or cancelled, while it waited for a worker
             return
+        try:
+            self._run_handler()
+        except Exception as err:  # an outcome that cannot be sent (a status that is not one, say)
+            log.error("grpc: %s: its outcome could not be sent", self.method, exc_info=err)
+            self.end(StatusCode.INTERNAL, f"the server could not send the outcome: {type(err).__name__}")
+
+    def _run_handler(self) -> None:
         handler, context = self.handler, self.context
         try:
             if handler.request_streaming:
