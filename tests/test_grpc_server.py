@@ -528,16 +528,18 @@ def test_abort_with_non_ascii_details(served: Served) -> None:
     assert info.value.details() == NON_ASCII_DETAILS
 
 
-def test_set_code_and_return(served: Served) -> None:
+@pytest.mark.parametrize(
+    ("method", "code", "details"),
+    [
+        ("SetCode", grpc.StatusCode.NOT_FOUND, "nothing here"),  # set_code + set_details, then return
+        ("Unimplemented", grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!"),  # as generated servicers
+        ("NotFound", grpc.StatusCode.NOT_FOUND, "container c1: not found"),  # a ContainerkitError, mapped
+    ],
+)
+def test_status_a_handler_ends_with(served: Served, method: str, code: grpc.StatusCode, details: str) -> None:
     with served.channel() as channel, pytest.raises(grpc.RpcError) as info:
-        channel.unary_unary(_path("SetCode"))(b"", timeout=CALL_TIMEOUT)
-    assert (info.value.code(), info.value.details()) == (grpc.StatusCode.NOT_FOUND, "nothing here")
-
-
-def test_generated_unimplemented(served: Served) -> None:
-    with served.channel() as channel, pytest.raises(grpc.RpcError) as info:
-        channel.unary_unary(_path("Unimplemented"))(b"", timeout=CALL_TIMEOUT)
-    assert (info.value.code(), info.value.details()) == (grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        channel.unary_unary(_path(method))(b"", timeout=CALL_TIMEOUT)
+    assert (info.value.code(), info.value.details()) == (code, details)
 
 
 @pytest.mark.parametrize("method", [_path("NoSuchMethod"), "/no.Such/Service"])
@@ -546,12 +548,6 @@ def test_unknown_method(served: Served, method: str) -> None:
         channel.unary_unary(method)(b"", timeout=CALL_TIMEOUT)
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert method in info.value.details()
-
-
-def test_containerkit_error_maps_to_its_code(served: Served) -> None:
-    with served.channel() as channel, pytest.raises(grpc.RpcError) as info:
-        channel.unary_unary(_path("NotFound"))(b"", timeout=CALL_TIMEOUT)
-    assert (info.value.code(), info.value.details()) == (grpc.StatusCode.NOT_FOUND, "container c1: not found")
 
 
 def test_unsendable_trailing_metadata_ends_the_call(served: Served) -> None:

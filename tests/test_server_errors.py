@@ -1,4 +1,5 @@
-"""core.server.error_status with the daemon's server: core errors become their gRPC codes; a handler's own context.abort is kept."""
+"""core.server.error_status with the daemon's server: core errors become their gRPC codes; a handler's own
+context.abort is kept."""
 
 from __future__ import annotations
 
