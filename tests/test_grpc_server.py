@@ -1014,6 +1014,22 @@ def test_stream_beyond_max_concurrent_is_refused() -> None:
         served.assert_serves()
 
 
+def test_rapid_reset_ends_the_connection(served: Served) -> None:
+    """A client that opens and resets calls as fast as it can (the "rapid reset" attack) is cut off with
+    ENHANCE_YOUR_CALM once it has reset more than the server allows in a second; others are still served."""
+    with served.raw() as client:
+        burst = b"".join(
+            http2.frame(http2.HEADERS, http2.END_HEADERS, stream_id, request_block(_path("Drain")))
+            + http2.frame(http2.RST_STREAM, 0, stream_id, struct.pack(">I", http2.CANCEL))
+            for stream_id in range(1, 2 * 1000, 2)
+        )
+        with contextlib.suppress(OSError):  # the server may close before it has read it all
+            client.send(burst)
+        assert goaway_code(client.read_to_eof()) == http2.ENHANCE_YOUR_CALM
+    wait_until(lambda: served.open_calls() == 0, "every call counted out")
+    served.assert_serves()
+
+
 # ---------------------------------------------------------------------------------------------- 8. slow reader
 
 

@@ -33,7 +33,7 @@ import threading
 import time
 import weakref
 import zlib
-from collections import namedtuple
+from collections import deque, namedtuple
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -61,6 +61,7 @@ _MAX_HEADER_BLOCK = 64 << 10  # our SETTINGS_MAX_HEADER_LIST_SIZE, also the limi
 _OUTPUT_HIGH_WATER = 1 << 20  # buffered output above which DATA senders wait for the socket
 _OUTPUT_LIMIT = 16 << 20  # buffered output above which a client that does not read is disconnected
 _RECV_SIZE = 256 << 10
+_RESETS_PER_SECOND = 200  # calls a client may reset in a second (a cancelled watch is one)
 _RESERVED_HEADERS = frozenset(("content-type", "te", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"))
 
 _RESPONSE_HEADERS = Encoder().encode([(":status", "200"), ("content-type", "application/grpc")])
@@ -389,6 +390,7 @@ class _Connection:
         self.last_stream_id = 0
         self.receive_window = _CONNECTION_WINDOW
         self.received_unacknowledged = 0
+        self.resets: deque[float] = deque()  # when the client reset its latest calls (within the last second)
 
     def greet(self) -> None:
         """Our SETTINGS and the connection window, the first thing we send."""
@@ -541,6 +543,7 @@ class _Connection:
                 call = self.calls.get(stream_id)
             if call is not None:
                 call.end(StatusCode.CANCELLED, "cancelled by the client", tell=False)
+                self.count_reset()
         elif kind == http2.SETTINGS:
             self.on_settings(flags, stream_id, payload)
         elif kind == http2.PING:
@@ -556,6 +559,17 @@ class _Connection:
         elif kind == http2.PUSH_PROMISE:
             raise _ConnectionError(http2.PROTOCOL_ERROR, "a client may not push")
         # PRIORITY and unknown frame types are ignored, as RFC 9113 asks.
+
+    def count_reset(self) -> None:
+        """A call the client reset before it ended: more than ``_RESETS_PER_SECOND`` in a second is the "rapid
+        reset" attack (each costs a call set-up and keeps a worker busy, while never counting against
+        ``max_concurrent_streams`` for long), and ends the connection."""
+        now = time.monotonic()
+        self.resets.append(now)
+        while self.resets[0] < now - 1.0:
+            self.resets.popleft()
+        if len(self.resets) > _RESETS_PER_SECOND:
+            raise _ConnectionError(http2.ENHANCE_YOUR_CALM, "too many calls reset by the client")
 
     def on_block_part(self, flags: int) -> None:
         if len(self.block) > _MAX_HEADER_BLOCK:
