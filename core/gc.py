@@ -72,6 +72,11 @@ class ResourceKind(Protocol):
     one collection, :meth:`roots` is called once on every kind before any :meth:`references`, so a
     kind may load all its edges in one query there and answer :meth:`references` from memory;
     :meth:`all` and :meth:`remove` follow once marking is over.
+
+    A kind may also have ``finish_removal() -> list[Resource]``, called once the lock is released (on
+    the same thread, before the collection returns; one at a time): for slow work such as deleting the
+    files of what :meth:`remove` unrecorded, which would otherwise hold every metadata writer off. It
+    returns further resources it removed; an exception it raises is a sweep error.
     """
 
     types: tuple[str, ...]
@@ -146,6 +151,7 @@ class Collector:
         self._hooks = hooks
         self._metadata = metadata
         self._on_removed = on_removed
+        self._finishing = threading.Lock()  # one collection's finish_removal phase at a time
 
     def collect(self) -> GcStats:
         """One collection. Raises FailedPrecondition, removing nothing, when two kinds claim the same
@@ -156,6 +162,16 @@ class Collector:
             kinds, owners = self._gather()
             marked = self._mark(kinds, owners)
             removed, errors = self._sweep(kinds, marked)
+        with self._finishing:
+            for kind in kinds:
+                finish = getattr(kind, "finish_removal", None)
+                if finish is None:
+                    continue
+                try:
+                    removed.extend(finish())
+                except Exception as err:
+                    log.exception("gc: finishing the removals of %s failed", _describe("", kind))
+                    errors.append(f"{_describe('', kind)}: {type(err).__name__}: {err}")
         stats = GcStats(len(marked), removed, errors, time.monotonic() - started)
         for resource in removed:
             log.info("gc: removed %s %s in namespace %s", resource.type, resource.id, resource.namespace)

@@ -403,8 +403,11 @@ class SnapshotKind:
     Resources: ``("snapshot/<sn>", ns, key)`` for each record, and ``("snapshot/<sn>", "", backend
     key)`` for each backend snapshot no record maps to (removed, or left by a crash). Roots:
     records labelled ``containerd.io/gc.root``. A record references its parent and what its
-    ``containerd.io/gc.ref.*`` labels name. Removal drops the records (children first), then removes
-    the unrecorded backend snapshots among them, leaves first, and calls the backend's ``cleanup()``.
+    ``containerd.io/gc.ref.*`` labels name. Removal drops the records (children first, in one
+    transaction) under the collector's lock; once it is released (:meth:`finish_removal`) the
+    unrecorded backend snapshots among them are removed, leaves first, and the backend's ``cleanup()``
+    runs. That is safe outside the lock: a record id is never reused, so no new record can come to map
+    to a backend key doomed here.
     """
 
     def __init__(self, snapshots: SnapshotMetadata, snapshotter: str) -> None:
@@ -413,6 +416,7 @@ class SnapshotKind:
         self._backend = snapshots.backend(snapshotter)
         self.types: tuple[str, ...] = (f"snapshot/{snapshotter}",)
         self._edges: dict[Resource, list[Resource]] = {}
+        self._doomed: dict[str, Resource | None] = {}  # for finish_removal: backend key -> its orphan resource
 
     def roots(self) -> Iterable[Resource]:
         """Records labelled ``containerd.io/gc.root`` (loads every record's edges for :meth:`references`)."""
@@ -456,19 +460,22 @@ class SnapshotKind:
         return sorted([Resource(type_, namespace, key) for _, namespace, key in rows] + orphans)
 
     def remove(self, resources: Sequence[Resource]) -> list[Resource]:
-        """Drop the given records and remove the given backend snapshots (see the class doc); return
-        those removed. A failure is logged and skipped."""
+        """Drop the given records and doom the given backend snapshots, removed by :meth:`finish_removal`
+        (see the class doc); return the records dropped. A failure is logged and skipped."""
         removed: list[Resource] = []
-        doomed: dict[str, Resource | None] = {}  # backend key -> the orphan resource naming it, if any
         for resource in resources:
             if not resource.namespace:
-                doomed[resource.id] = resource
+                self._doomed[resource.id] = resource
         for resource, bkey in self._remove_records([r for r in resources if r.namespace]):
             removed.append(resource)
-            doomed[bkey] = None
-        if doomed:
-            removed += self._remove_backend(doomed)
+            self._doomed[bkey] = None
         return removed
+
+    def finish_removal(self) -> list[Resource]:
+        """Remove the backend snapshots :meth:`remove` doomed (the collector's lock released); return the
+        orphan resources among them that are gone."""
+        doomed, self._doomed = self._doomed, {}
+        return self._remove_backend(doomed) if doomed else []
 
     def _remove_records(self, resources: Sequence[Resource]) -> list[tuple[Resource, str]]:
         """Delete the records, children before parents (a child's id is always greater); return each
@@ -483,14 +490,15 @@ class SnapshotKind:
                 if row is not None:
                     found.append((row[0], resource))
         deleted = []
-        for record_id, resource in sorted(found, reverse=True):
-            try:
-                with self._store.transaction() as conn:
-                    conn.execute("DELETE FROM snapshots WHERE id = ?", (record_id,))
-            except Exception:
-                log.exception("gc: removing snapshot %s of namespace %s failed", resource.id, resource.namespace)
-                continue
-            deleted.append((resource, backend_key(resource.namespace, record_id, resource.id)))
+        with self._store.transaction():  # one commit; each record in a savepoint of its own
+            for record_id, resource in sorted(found, reverse=True):
+                try:
+                    with self._store.transaction() as conn:
+                        conn.execute("DELETE FROM snapshots WHERE id = ?", (record_id,))
+                except Exception:
+                    log.exception("gc: removing snapshot %s of namespace %s failed", resource.id, resource.namespace)
+                    continue
+                deleted.append((resource, backend_key(resource.namespace, record_id, resource.id)))
         return deleted
 
     def _remove_backend(self, doomed: Mapping[str, Resource | None]) -> list[Resource]:
