@@ -408,7 +408,10 @@ def test_a_full_snapshot_disk_fails_the_pull_clearly_and_a_retry_with_space_succ
     mount_all([Mount("tmpfs", "tmpfs", ("size=3m", "mode=0700"))], small)
     daemon = None
     try:
-        daemon = make_daemon(f'[plugins.snapshotter.overlayfs]\nroot_path = "{small}/overlay"\n')
+        # GC held off: ctr drops its pull lease on failure, and a collection right after it could take the
+        # committed busybox snapshot before the listing below looks (the race once lost under CI load).
+        quiet_gc = "[plugins.gc.scheduler]\ndelay_after_delete_seconds = 3600.0\nstartup_delay_seconds = 3600.0\n"
+        daemon = make_daemon(f'[plugins.snapshotter.overlayfs]\nroot_path = "{small}/overlay"\n{quiet_gc}')
         failed = ctr(daemon, "images", "pull", "--plain-http", images["gzip"], check=False, namespace="full")
         assert failed.returncode != 0 and "No space left on device" in failed.stderr, failed.stderr
         assert "Traceback" not in daemon.log
