@@ -13,6 +13,7 @@ import hashlib
 import json
 import queue
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -344,10 +345,20 @@ def _serve_in_process(path: str) -> subprocess.Popen[bytes]:
     """This file as a server on ``path`` in a process of its own, once it listens."""
     server = subprocess.Popen([sys.executable, __file__, path])
     deadline = time.monotonic() + 20
-    while not Path(path).exists():
+    while not _accepts(path):  # not the file's existence: it is there from bind(), before listen()
         assert server.poll() is None and time.monotonic() < deadline, "the test server did not start"
         time.sleep(0.02)
     return server
+
+
+def _accepts(path: str) -> bool:
+    """Whether something listens on the unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 def test_no_socket_is_an_os_error(tmp_path: Path) -> None:
