@@ -65,13 +65,23 @@ _RESETS_PER_SECOND = 200  # calls a client may reset in a second (a cancelled wa
 _RESERVED_HEADERS = frozenset(("content-type", "te", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"))
 
 _RESPONSE_HEADERS = Encoder().encode([(":status", "200"), ("content-type", "application/grpc")])
-_OK_TRAILERS = Encoder().encode([("grpc-status", "0")])
+_OK_FIELDS = [("grpc-status", "0")]
+_OK_TRAILERS = Encoder().encode(_OK_FIELDS)
 
 
 def _wire_code(code: Any) -> int:
     """The wire value of a status code given as a ``grpc.StatusCode`` or a :class:`StatusCode`."""
     value = code.value
     return int(value[0] if isinstance(value, tuple) else value)
+
+
+def _status_fields(code: Any, details: str) -> list[tuple[str, str]]:
+    """The ``grpc-status`` field, and ``grpc-message`` (percent-encoded) for a failure with details."""
+    wire = _wire_code(code)
+    fields = [("grpc-status", str(wire))]
+    if details and wire:
+        fields.append(("grpc-message", percent_encode(details)))
+    return fields
 
 
 class _ConnectionError(Exception):
@@ -235,7 +245,7 @@ class Server:
                 for connection in to_close:
                     connection.lost("the connection broke")
                 for connection in to_flush:
-                    connection.watch_writable(True)
+                    connection.watch_writable()
                 if stopping and not going_away:
                     going_away = True
                     self._go_away()
@@ -247,7 +257,7 @@ class Server:
             with self._lock:
                 connections = list(self._connections)
             for connection in connections:
-                connection.lost("the server stopped", code=StatusCode.UNAVAILABLE)
+                connection.lost("the server stopped")
             for listener in self._listeners:
                 listener.close()
             self._selector.close()
@@ -291,11 +301,9 @@ class Server:
         # Drained first, then cleared: a byte sent after the clear and drained with the rest would leave _woken
         # set with nothing to read, and every later _wake() a no-op. A waker that finds the flag still set
         # changed its state before, and the loop reads the state after this.
-        try:
+        with contextlib.suppress(BlockingIOError, OSError):
             while self._wake_reader.recv(4096):
                 pass
-        except (BlockingIOError, OSError):
-            pass
         with self._lock:
             self._woken = False
 
@@ -460,9 +468,10 @@ class _Connection:
                 self.server.watch(self, False)
             self.cond.notify_all()
 
-    def watch_writable(self, writable: bool) -> None:
+    def watch_writable(self) -> None:
+        """Have the I/O thread flush the output when the socket takes more (I/O thread)."""
         if not self.closed:
-            self.server.watch(self, writable)
+            self.server.watch(self, True)
 
     # -- input (I/O thread) -------------------------------------------------------------------------
 
@@ -482,7 +491,6 @@ class _Connection:
         try:
             self.parse()
         except _ConnectionError as err:
-            log.debug("grpc: closing a connection: %s", err)
             with self.cond:
                 last = struct.pack(">II", self.last_stream_id, err.code)
                 self.write(http2.frame(http2.GOAWAY, 0, 0, last + str(err).encode()))
@@ -648,14 +656,8 @@ class _Connection:
 
     def refuse(self, stream_id: int, code: StatusCode, details: str, http_status: str = "200") -> None:
         """End a call that never opened with a trailers-only response."""
-        block = Encoder().encode(
-            [
-                (":status", http_status),
-                ("content-type", "application/grpc"),
-                ("grpc-status", str(code.value)),
-                ("grpc-message", percent_encode(details)),
-            ]
-        )
+        fields = [(":status", http_status), ("content-type", "application/grpc"), *_status_fields(code, details)]
+        block = Encoder().encode(fields)
         with self.cond:
             self.write(http2.frame(http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, stream_id, block))
             self.write(http2.frame(http2.RST_STREAM, 0, stream_id, struct.pack(">I", http2.NO_ERROR)))
@@ -746,8 +748,9 @@ class _Connection:
         with self.cond:
             self.write(http2.frame(http2.GOAWAY, 0, 0, struct.pack(">II", self.last_stream_id, http2.NO_ERROR)))
 
-    def lost(self, reason: str, code: StatusCode = StatusCode.CANCELLED) -> None:
-        """Close the connection and end its calls (I/O thread)."""
+    def lost(self, reason: str) -> None:
+        """Close the connection and end its calls, which the client can no longer be told of (I/O thread)."""
+        log.debug("grpc: a connection ends: %s", reason)
         with self.cond:
             if self.output and not self.closed:  # a last GOAWAY, if the socket takes it
                 with contextlib.suppress(OSError):
@@ -756,7 +759,7 @@ class _Connection:
             calls = list(self.calls.values())
             self.cond.notify_all()
         for call in calls:
-            call.end(code, reason, tell=False)
+            call.end(StatusCode.CANCELLED, reason, tell=False)
         self.server.forget(self)
         self.sock.close()
 
@@ -1026,10 +1029,7 @@ class _Call:
             trailing = _metadata_fields(self.context.trailing)
         except (TypeError, ValueError) as err:  # a -bin value not bytes: raised here, it would leave the call open
             code, details, data, trailing = StatusCode.INTERNAL, f"bad trailing metadata: {err}", None, []
-        fields = [("grpc-status", str(_wire_code(code)))]
-        if details and _wire_code(code):
-            fields.append(("grpc-message", percent_encode(details)))
-        fields += trailing
+        fields = _status_fields(code, details) + trailing
         frames: list[bytes] = []
         connection = self.connection
         with connection.cond:
@@ -1041,16 +1041,7 @@ class _Call:
                 return
             if self.ended:
                 return
-            if not self.headers_sent:  # a trailers-only response
-                block = _RESPONSE_HEADERS + Encoder().encode(fields)
-            elif len(fields) == 1 and fields[0][1] == "0":
-                block = _OK_TRAILERS
-            else:
-                block = Encoder().encode(fields)
-            frames.append(http2.frame(http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, self.stream_id, block))
-            if not self.remote_ended:  # the client need not send more
-                frames.append(http2.frame(http2.RST_STREAM, 0, self.stream_id, struct.pack(">I", http2.NO_ERROR)))
-            connection.write(b"".join(frames))
+            connection.write(b"".join(frames + self._closing_frames(fields, http2.NO_ERROR)))
             callbacks = self._close()
         self._after_end(callbacks)
 
@@ -1066,16 +1057,24 @@ class _Call:
             if self.ended:
                 return
             if tell and not connection.closed:
-                fields = [("grpc-status", str(_wire_code(code))), ("grpc-message", percent_encode(details))]
-                block = Encoder().encode(fields)
-                if not self.headers_sent:
-                    block = _RESPONSE_HEADERS + block
-                frames = [http2.frame(http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, self.stream_id, block)]
-                if not self.remote_ended:
-                    frames.append(http2.frame(http2.RST_STREAM, 0, self.stream_id, struct.pack(">I", reset_code)))
-                connection.write(b"".join(frames))
+                connection.write(b"".join(self._closing_frames(_status_fields(code, details), reset_code)))
             callbacks = self._close()
         self._after_end(callbacks)
+
+    def _closing_frames(self, fields: list[tuple[str, str]], reset_code: int) -> list[bytes]:
+        """The frames that end the stream with the trailer ``fields`` (a trailers-only response if no headers
+        went out), then, while the request side is open, RST_STREAM ``reset_code``: the client need not send
+        more (``cond`` held)."""
+        if not self.headers_sent:
+            block = _RESPONSE_HEADERS + Encoder().encode(fields)
+        elif fields == _OK_FIELDS:
+            block = _OK_TRAILERS
+        else:
+            block = Encoder().encode(fields)
+        frames = [http2.frame(http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, self.stream_id, block)]
+        if not self.remote_ended:
+            frames.append(http2.frame(http2.RST_STREAM, 0, self.stream_id, struct.pack(">I", reset_code)))
+        return frames
 
     def _close(self) -> list[Callable[[], None]]:
         """Mark the call ended and out of its connection's table (``cond`` held); returns its callbacks."""

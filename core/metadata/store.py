@@ -171,10 +171,7 @@ class MetadataStore:
             # lock they would poll with sleeps of 1, 2, 5, 10... ms (its busy handler), which under a burst of
             # concurrent calls left the lock idle while they slept.
             if not self._writer.acquire(timeout=self._busy_timeout):
-                raise Unavailable(
-                    f"metadata store {self._path} stayed locked by another writer for more than "
-                    f"{self._busy_timeout:g}s; retry"
-                )
+                raise _busy(self._path, self._busy_timeout)
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 state.mode, state.depth = "write", 1
@@ -418,12 +415,15 @@ def _rollback(conn: sqlite3.Connection, *statements: str) -> None:
             conn.execute(statement)
 
 
+def _busy(path: Path, busy_timeout: float) -> Unavailable:
+    """A writer waited longer than ``busy_timeout``, at this process's lock or at sqlite's."""
+    return Unavailable(f"metadata store {path} stayed locked by another writer for more than {busy_timeout:g}s; retry")
+
+
 def _translate(exc: sqlite3.Error, path: Path, busy_timeout: float) -> Exception | None:
     name = getattr(exc, "sqlite_errorname", None) or ""
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-        return Unavailable(
-            f"metadata store {path} stayed locked by another writer for more than {busy_timeout:g}s; retry"
-        )
+        return _busy(path, busy_timeout)
     if name == "SQLITE_FULL":
         return OSError(errno.ENOSPC, f"metadata store: no space left on device ({exc})", str(path))
     if name.startswith("SQLITE_IOERR"):
