@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Iterable
+from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
 import grpc
@@ -37,7 +39,8 @@ class GrpcService(Protocol):
     """
 
     def register(self, server: Server) -> None:
-        """Add this service's servicers to ``server`` (called once, before the server starts)."""
+        """Add this service's servicers to ``server`` (called once, before the server starts), and name the
+        methods whose handlers never block (:meth:`Server.answer_inline`)."""
 
 
 def new_server(config: GrpcConfig) -> Server:
@@ -50,6 +53,13 @@ def new_server(config: GrpcConfig) -> Server:
         max_message_size=MAX_MESSAGE_SIZE,
         error_status=error_status,
     )
+
+
+def method_paths(pb: ModuleType, service: str, methods: Iterable[str]) -> list[str]:
+    """The paths (``/package.Service/Method``) of ``service``'s ``methods`` as the generated ``*_pb2`` module ``pb``
+    declares them, for :meth:`Server.answer_inline`; KeyError for a service or method it lacks."""
+    descriptor = pb.DESCRIPTOR.services_by_name[service]
+    return [f"/{descriptor.full_name}/{descriptor.methods_by_name[method].name}" for method in methods]
 
 
 def error_status(err: Exception, method: str) -> tuple[grpc.StatusCode, str]:

@@ -6,7 +6,9 @@ core.server's error mapping; 15 MiB messages both ways and the 16 MiB limit in b
 cancellation, deadlines and a client vanishing mid-message (the handler's context, callbacks, request iterator
 and the open-call count); protocol violations from a raw HTTP/2 client (GOAWAY with the right code, connection
 closed, server still serving); trailers-only refusals (405 / 415 / REFUSED_STREAM); a slow reader holding only
-its own call; many concurrent clients; PING; ``stop`` with and without grace.
+its own call; many concurrent clients; PING; ``stop`` with and without grace. The tests of what a handler
+sees and sends run twice: with every call on a worker, and with the non-blocking methods answered inline (on
+the I/O thread, ``Server.answer_inline``), whose responses beyond the flow-control windows a worker sends.
 
 grpcio's client is the reference client; hostile input is written frame by frame with core.grpcwire.http2 and
 core.grpcwire.hpack. Every test stops its server, removes its socket directory and waits for the threads it
@@ -108,7 +110,12 @@ class Probe:
             "BadTrailing": grpc.unary_unary_rpc_method_handler(self.bad_trailing),
             "BadInitial": grpc.unary_unary_rpc_method_handler(self.bad_initial),
             "BadCode": grpc.unary_unary_rpc_method_handler(self.bad_code),
+            "Thread": grpc.unary_unary_rpc_method_handler(self.thread),
         }
+
+    def thread(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """The name of the thread that runs it."""
+        return threading.current_thread().name.encode()
 
     def _record(self, context: grpc.ServicerContext) -> None:
         """Keep ``context`` and have its call's end set ``callback_ran``."""
@@ -269,15 +276,22 @@ class Served:
             assert channel.unary_unary(_path("Echo"))(b"still here", timeout=CALL_TIMEOUT) == b"still here"
 
 
+NON_BLOCKING = ("Echo", "EchoMetadata", "Abort", "SetCode", "Unimplemented", "NotFound", "Sized", "SizedStream",
+                "BadTrailing", "BadInitial", "BadCode", "Thread")  # fmt: skip
+"""The probe's methods that may be answered inline: none of them waits for anything."""
+
+
 @contextlib.contextmanager
-def serving(config: GrpcConfig | None = None) -> Iterator[Served]:
-    """A server built by core.server.new_server with the probe's handlers; on exit: every handler released,
-    the server stopped, its directory removed and every thread started meanwhile ended."""
+def serving(config: GrpcConfig | None = None, inline: Iterable[str] = ()) -> Iterator[Served]:
+    """A server built by core.server.new_server with the probe's handlers, the ``inline`` ones answered on the
+    I/O thread; on exit: every handler released, the server stopped, its directory removed and every thread
+    started meanwhile ended."""
     threads_before = set(threading.enumerate())
     directory = Path(tempfile.mkdtemp(prefix="ck-grpcsrv-", dir="/tmp"))
     probe = Probe()
     server = new_server(config or GrpcConfig())
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, probe.handlers())])
+    server.answer_inline(_path(method) for method in inline)
     path = str(directory / "sock")
     server.add_insecure_port(f"unix:{path}")
     server.start()
@@ -304,6 +318,13 @@ def serving(config: GrpcConfig | None = None) -> Iterator[Served]:
 def served() -> Iterator[Served]:
     """A server with the default GrpcConfig, cleaned up after the test."""
     with serving() as running:
+        yield running
+
+
+@pytest.fixture(params=["workers", "inline"])
+def served_both(request: pytest.FixtureRequest) -> Iterator[Served]:
+    """As ``served``; then again with the non-blocking methods answered inline."""
+    with serving(inline=NON_BLOCKING if request.param == "inline" else ()) as running:
         yield running
 
 
@@ -461,14 +482,14 @@ def goaway_code(frames: Iterable[Frame]) -> int | None:
 # ---------------------------------------------------------------------------------------------- 1. normal calls
 
 
-def test_unary_call(served: Served) -> None:
-    with served.channel() as channel:
+def test_unary_call(served_both: Served) -> None:
+    with served_both.channel() as channel:
         assert channel.unary_unary(_path("Echo"))(b"hello", timeout=CALL_TIMEOUT) == b"hello"
         assert channel.unary_unary(_path("Echo"))(b"", timeout=CALL_TIMEOUT) == b""
 
 
-def test_server_streaming_call(served: Served) -> None:
-    with served.channel() as channel:
+def test_server_streaming_call(served_both: Served) -> None:
+    with served_both.channel() as channel:
         responses = list(channel.unary_stream(_path("SizedStream"))(b"5,1000", timeout=CALL_TIMEOUT))
     assert responses == [pattern(1000, seed=index) for index in range(5)]
 
@@ -501,14 +522,14 @@ def test_bidi_call_interleaved(served: Served) -> None:
         assert responses.code() == grpc.StatusCode.OK
 
 
-def test_metadata_both_ways(served: Served) -> None:
+def test_metadata_both_ways(served_both: Served) -> None:
     blob = bytes(range(256))
-    with served.channel() as channel:
+    with served_both.channel() as channel:
         response, call = channel.unary_unary(_path("EchoMetadata")).with_call(
             b"meta", metadata=[("plain-key", "plain value"), ("blob-bin", blob)], timeout=CALL_TIMEOUT
         )
     assert response == b"meta"
-    received = served.probe.metadata
+    received = served_both.probe.metadata
     assert received["plain-key"] == "plain value"
     assert received["blob-bin"] == blob
     assert not {"content-type", "te", "grpc-timeout"} & set(received)
@@ -521,8 +542,8 @@ def test_metadata_both_ways(served: Served) -> None:
     assert trailing["echo-bin"] == blob
 
 
-def test_abort_with_non_ascii_details(served: Served) -> None:
-    with served.channel() as channel, pytest.raises(grpc.RpcError) as info:
+def test_abort_with_non_ascii_details(served_both: Served) -> None:
+    with served_both.channel() as channel, pytest.raises(grpc.RpcError) as info:
         channel.unary_unary(_path("Abort"))(b"", timeout=CALL_TIMEOUT)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert info.value.details() == NON_ASCII_DETAILS
@@ -536,8 +557,8 @@ def test_abort_with_non_ascii_details(served: Served) -> None:
         ("NotFound", grpc.StatusCode.NOT_FOUND, "container c1: not found"),  # a ContainerkitError, mapped
     ],
 )
-def test_status_a_handler_ends_with(served: Served, method: str, code: grpc.StatusCode, details: str) -> None:
-    with served.channel() as channel, pytest.raises(grpc.RpcError) as info:
+def test_status_a_handler_ends_with(served_both: Served, method: str, code: grpc.StatusCode, details: str) -> None:
+    with served_both.channel() as channel, pytest.raises(grpc.RpcError) as info:
         channel.unary_unary(_path(method))(b"", timeout=CALL_TIMEOUT)
     assert (info.value.code(), info.value.details()) == (code, details)
 
@@ -550,22 +571,22 @@ def test_unknown_method(served: Served, method: str) -> None:
     assert method in info.value.details()
 
 
-def test_unsendable_trailing_metadata_ends_the_call(served: Served) -> None:
+def test_unsendable_trailing_metadata_ends_the_call(served_both: Served) -> None:
     """A ``-bin`` trailing value that is not bytes: the call still ends (INTERNAL), it does not hang."""
-    with served.channel() as channel, pytest.raises(grpc.RpcError) as info:
+    with served_both.channel() as channel, pytest.raises(grpc.RpcError) as info:
         channel.unary_unary(_path("BadTrailing"))(b"", timeout=CALL_TIMEOUT)
     assert info.value.code() == grpc.StatusCode.INTERNAL
     assert "trailing metadata" in info.value.details()
-    wait_until(lambda: served.open_calls() == 0, "the call to be counted out")
+    wait_until(lambda: served_both.open_calls() == 0, "the call to be counted out")
 
 
-def test_unsendable_initial_metadata_fails_the_handler(served: Served) -> None:
+def test_unsendable_initial_metadata_fails_the_handler(served_both: Served) -> None:
     """send_initial_metadata raises in the handler; the status then goes out as a well-formed trailers-only
     response (with :status)."""
-    with served.channel() as channel, pytest.raises(grpc.RpcError) as info:
+    with served_both.channel() as channel, pytest.raises(grpc.RpcError) as info:
         channel.unary_unary(_path("BadInitial"))(b"", timeout=CALL_TIMEOUT)
     assert info.value.code() == grpc.StatusCode.UNKNOWN
-    with served.raw() as client:
+    with served_both.raw() as client:
         headers, body, trailers = client.unary(1, "BadInitial", b"")
     assert (headers, body) == ({}, b"")
     assert trailers[":status"] == "200" and trailers["grpc-status"] == str(grpc.StatusCode.UNKNOWN.value[0])
@@ -574,9 +595,9 @@ def test_unsendable_initial_metadata_fails_the_handler(served: Served) -> None:
 # ---------------------------------------------------------------------------------------------- 2. sizes
 
 
-def test_15mib_unary_both_ways(served: Served) -> None:
+def test_15mib_unary_both_ways(served_both: Served) -> None:
     request = pattern(15 * MIB, seed=1)
-    with served.channel(options=BIG_CHANNEL) as channel:
+    with served_both.channel(options=BIG_CHANNEL) as channel:
         assert channel.unary_unary(_path("Echo"))(request, timeout=CALL_TIMEOUT) == request
         assert channel.unary_unary(_path("Sized"))(str(15 * MIB).encode(), timeout=CALL_TIMEOUT) == pattern(15 * MIB)
 
@@ -622,9 +643,9 @@ def test_exactly_max_size_request_is_accepted(served: Served) -> None:
         assert channel.unary_unary(_path("Echo"))(request, timeout=CALL_TIMEOUT) == request
 
 
-def test_oversized_response_is_resource_exhausted(served: Served) -> None:
+def test_oversized_response_is_resource_exhausted(served_both: Served) -> None:
     too_big = MAX_MESSAGE_SIZE + 1
-    with served.channel(options=BIG_CHANNEL) as channel:
+    with served_both.channel(options=BIG_CHANNEL) as channel:
         with pytest.raises(grpc.RpcError) as info:
             channel.unary_unary(_path("Sized"))(str(too_big).encode(), timeout=CALL_TIMEOUT)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -1033,17 +1054,17 @@ def test_rapid_reset_ends_the_connection(served: Served) -> None:
 # ---------------------------------------------------------------------------------------------- 8. slow reader
 
 
-def test_slow_reader_holds_only_its_own_call(served: Served) -> None:
+def test_slow_reader_holds_only_its_own_call(served_both: Served) -> None:
     size = MIB
     settings = struct.pack(">HI", http2.SETTINGS_INITIAL_WINDOW_SIZE, 16)
-    with served.raw(settings=settings) as client:
+    with served_both.raw(settings=settings) as client:
         client.open(1, "Sized")
         client.send(http2.frame(http2.DATA, http2.END_STREAM, 1, message(str(size).encode())))
         frames = client.read_until(lambda f: f.stream_id == 1 and f.kind == http2.DATA)
         assert len(frames[-1].payload) == 16  # all the window allows
         body = bytearray(frames[-1].payload)
         for index in range(3):
-            with served.channel() as channel:
+            with served_both.channel() as channel:
                 assert channel.unary_unary(_path("Echo"))(b"%d" % index, timeout=CALL_TIMEOUT) == b"%d" % index
         grant = struct.pack(">I", 2 * size)
         client.send(http2.frame(http2.WINDOW_UPDATE, 0, 1, grant) + http2.frame(http2.WINDOW_UPDATE, 0, 0, grant))
@@ -1051,7 +1072,37 @@ def test_slow_reader_holds_only_its_own_call(served: Served) -> None:
     body += rest
     assert trailers["grpc-status"] == "0"
     assert bytes(body) == message(pattern(size))
-    wait_until(lambda: served.open_calls() == 0, "the call to be counted out")
+    wait_until(lambda: served_both.open_calls() == 0, "the call to be counted out")
+
+
+def test_inline_methods_run_on_the_io_thread() -> None:
+    """A method named to answer_inline runs on the server's I/O thread; the others on its workers."""
+    with serving(inline=["Thread"]) as running, running.channel() as channel:
+        assert channel.unary_unary(_path("Thread"))(b"", timeout=CALL_TIMEOUT) == b"grpc-io"
+    with serving() as running, running.channel() as channel:
+        assert channel.unary_unary(_path("Thread"))(b"", timeout=CALL_TIMEOUT).startswith(b"grpc_")
+
+
+def test_inline_stream_beyond_the_window_goes_on_from_a_worker() -> None:
+    """An inline server stream whose messages the client's window cannot take: the I/O thread goes on serving
+    other calls, and once the client grants more, every message arrives whole and in order."""
+    count, size = 3, 100_000
+    settings = struct.pack(">HI", http2.SETTINGS_INITIAL_WINDOW_SIZE, 16)
+    with serving(inline=NON_BLOCKING) as running, running.raw(settings=settings) as client:
+        client.open(1, "SizedStream")
+        client.send(http2.frame(http2.DATA, http2.END_STREAM, 1, message(f"{count},{size}".encode())))
+        frames = client.read_until(lambda f: f.stream_id == 1 and f.kind == http2.DATA)
+        assert len(frames[-1].payload) == 16
+        body = bytearray(frames[-1].payload)
+        with running.channel() as channel:
+            assert channel.unary_unary(_path("Thread"))(b"", timeout=CALL_TIMEOUT) == b"grpc-io"
+        grant = struct.pack(">I", 2 * count * size)
+        client.send(http2.frame(http2.WINDOW_UPDATE, 0, 1, grant) + http2.frame(http2.WINDOW_UPDATE, 0, 0, grant))
+        _, rest, trailers = client.response(1)
+        body += rest
+        assert trailers["grpc-status"] == "0"
+        assert bytes(body) == b"".join(message(pattern(size, seed=index)) for index in range(count))
+        wait_until(lambda: running.open_calls() == 0, "the call to be counted out")
 
 
 # ---------------------------------------------------------------------------------------------- 9. many clients
@@ -1174,9 +1225,9 @@ def test_ping_is_acknowledged(served: Served) -> None:
         assert ack.payload == b"87654321"
 
 
-def test_an_outcome_that_cannot_be_sent_still_ends_the_call(served: Served) -> None:
+def test_an_outcome_that_cannot_be_sent_still_ends_the_call(served_both: Served) -> None:
     """A handler that set a code that is no status: the call ends INTERNAL instead of staying open."""
-    with served.channel() as channel, pytest.raises(grpc.RpcError) as info:
+    with served_both.channel() as channel, pytest.raises(grpc.RpcError) as info:
         channel.unary_unary(_path("BadCode"))(b"", timeout=CALL_TIMEOUT)
     assert info.value.code() == grpc.StatusCode.INTERNAL
-    wait_until(lambda: served.open_calls() == 0, "the call to be counted out")
+    wait_until(lambda: served_both.open_calls() == 0, "the call to be counted out")

@@ -13,6 +13,11 @@ buffer, which the I/O thread flushes when the socket becomes writable. A worker 
 client's flow-control window and while that buffer is over its high-water mark, so a client that stops reading
 holds only its own calls' workers.
 
+Methods a service names with :meth:`Server.answer_inline` (handlers that never block: answers from memory or a
+read of local metadata) skip the pool: the I/O thread runs them as soon as their request is complete, which
+saves the two thread hand-offs a call otherwise costs (most of the server's own CPU per call). Such a call
+sends what the flow-control windows take at once; the rest of its responses is sent by a worker.
+
 Handlers see a :class:`grpc.ServicerContext` (:class:`Context`); an exception they raise ends the call with the
 status ``error_status`` maps it to (UNKNOWN by default), unless they set a code on the context first.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -34,7 +40,7 @@ import time
 import weakref
 import zlib
 from collections import deque, namedtuple
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -96,6 +102,14 @@ class _CallEnded(Exception):
     """The call ended (cancelled, past its deadline, its connection gone) while its handler still ran."""
 
 
+class _WouldWait(Exception):
+    """An inline call's response does not fit the flow-control windows now: a worker is to send it."""
+
+    def __init__(self, response: Any) -> None:
+        super().__init__()
+        self.response = response
+
+
 class _Abort(Exception):
     """Raised by :meth:`Context.abort`: the status is on the context."""
 
@@ -125,6 +139,7 @@ class Server:
         self.error_status: ErrorStatus = error_status or (lambda err, method: (StatusCode.UNKNOWN, repr(err)))
         self._methods: dict[str, Any] = {}  # "/package.Service/Method" -> grpc.RpcMethodHandler
         self._generic: list[Any] = []  # grpc.GenericRpcHandler
+        self._inline: set[str] = set()  # methods the I/O thread runs itself
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="grpc")
         self._selector = selectors.DefaultSelector()
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -155,6 +170,11 @@ class Server:
         """The handlers of ``service_name``'s methods, by method name."""
         for name, handler in method_handlers.items():
             self._methods[f"/{service_name}/{name}"] = handler
+
+    def answer_inline(self, methods: Iterable[str]) -> None:
+        """Run calls of these methods (``/package.Service/Method``, unary requests) on the I/O thread, with no
+        hand-off to a worker. Only for handlers that never block: while one runs, no other call is read."""
+        self._inline.update(methods)
 
     def handler_for(self, method: str, metadata: tuple[Metadatum, ...]) -> Any:
         handler = self._methods.get(method)
@@ -332,9 +352,18 @@ class Server:
             self._lock.notify_all()
 
     def dispatch(self, call: _Call) -> None:
+        """Run the call: here, if its method is answered inline and its request is whole, else on a worker."""
+        if call.method in self._inline and not call.handler.request_streaming:
+            call.inline = True
+            call.run()
+        else:
+            self.submit(call, call.run)
+
+    def submit(self, call: _Call, work: Callable[[], None]) -> None:
+        """Have a worker do ``work`` for ``call``; the call ends UNAVAILABLE when the server is gone."""
         try:
-            self._pool.submit(call.run)
-        except RuntimeError:  # the pool is shut down: the server is gone
+            self._pool.submit(work)
+        except RuntimeError:  # the pool is shut down
             call.end(StatusCode.UNAVAILABLE, "the server is stopping")
 
     def flush_later(self, connection: _Connection) -> None:
@@ -791,6 +820,7 @@ class _Call:
         self.deadline = deadline
         self.gzip = gzip
         self.context = Context(self, metadata)
+        self.inline = False  # run by the I/O thread: sends only what the windows take at once
         # I/O thread only:
         self.pending = bytearray()  # request bytes not yet a whole message
         self.unary_request: bytes | None = None
@@ -901,19 +931,23 @@ class _Call:
 
     # -- response side (a worker) -------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Run the handler and send its outcome; the call ends, whatever the handler or its outcome raise."""
-        if self.ended:  # past its deadline, or cancelled, while it waited for a worker
+    def run(self, rest: tuple[Iterator[Any], Any] | None = None) -> None:
+        """Run the handler and send its outcome, or send the ``rest`` of its responses (the generator and the one
+        response it yielded last) for an inline call; the call ends, whatever the handler or its outcome raise."""
+        if self.ended and rest is None:  # past its deadline, or cancelled, while it waited for a worker
             return
         try:
-            self._run_handler()
+            self._run_handler(rest)
         except Exception as err:  # an outcome that cannot be sent (a status that is not one, say)
             log.error("grpc: %s: its outcome could not be sent", self.method, exc_info=err)
             self.end(StatusCode.INTERNAL, f"the server could not send the outcome: {type(err).__name__}")
 
-    def _run_handler(self) -> None:
+    def _run_handler(self, rest: tuple[Iterator[Any], Any] | None) -> None:
         handler, context = self.handler, self.context
         try:
+            if rest is not None:
+                self._stream(*rest)
+                return
             if handler.request_streaming:
                 request: Any = _RequestIterator(self, handler.request_deserializer)
             else:
@@ -921,15 +955,7 @@ class _Call:
                 request = _deserialize(handler.request_deserializer, self.unary_request)
             if handler.response_streaming:
                 behaviour = handler.stream_stream if handler.request_streaming else handler.unary_stream
-                responses = behaviour(request, context)
-                try:
-                    for response in responses:
-                        self.send_message(response)
-                finally:
-                    close = getattr(responses, "close", None)
-                    if close is not None:
-                        close()
-                self.finish(*context.status_or(StatusCode.OK))
+                self._stream(iter(behaviour(request, context)), None)
             else:
                 behaviour = handler.stream_unary if handler.request_streaming else handler.unary_unary
                 response = behaviour(request, context)
@@ -954,11 +980,32 @@ class _Call:
             self.end(StatusCode.UNKNOWN, "the handler was interrupted")
             raise
 
+    def _stream(self, responses: Iterator[Any], pending: Any) -> None:
+        """Send ``pending`` (unless None) and the rest of ``responses``, close them, and finish. An inline call
+        hands what does not fit the windows now, and the rest, to a worker."""
+        try:
+            if pending is not None:
+                self.send_message(pending)
+            for response in responses:
+                self.send_message(response)
+        except _WouldWait as wait:
+            self.inline = False
+            self.connection.server.submit(self, functools.partial(self.run, (responses, wait.response)))
+            return
+        except BaseException:
+            _close(responses)
+            raise
+        _close(responses)
+        self.finish(*self.context.status_or(StatusCode.OK))
+
     def send_message(self, response: Any) -> None:
-        """Send one response message; _CallEnded when the call ended first."""
+        """Send one response message; _CallEnded when the call ended first, _WouldWait (nothing sent) when the call
+        is inline and the message does not fit the windows now."""
         data = self._encode(response)
         frames: list[bytes] = []
         with self.connection.cond:
+            if self.inline and not self._fits(len(data)):
+                raise _WouldWait(response)
             self._headers(frames)
             self._data(data, frames)
             self.connection.write(b"".join(frames))
@@ -979,6 +1026,12 @@ class _Call:
         if len(data) > limit:
             raise _CallFailed(StatusCode.RESOURCE_EXHAUSTED, f"Sent message larger than max ({len(data)} vs. {limit})")
         return MESSAGE_PREFIX.pack(0, len(data)) + data
+
+    def _fits(self, size: int) -> bool:
+        """Whether ``size`` bytes of DATA go out now, without waiting for a window or the socket (``cond`` held)."""
+        connection = self.connection
+        window = min(connection.send_window, self.send_window)
+        return size <= window and len(connection.output) + size <= _OUTPUT_HIGH_WATER
 
     def _headers(self, frames: list[bytes]) -> None:
         """The response headers, once (``cond`` held); _CallEnded when the call ended."""
@@ -1033,17 +1086,24 @@ class _Call:
         frames: list[bytes] = []
         connection = self.connection
         with connection.cond:
-            try:
-                if data is not None:
-                    self._headers(frames)
-                    self._data(data, frames)
-            except _CallEnded:
-                return
-            if self.ended:
-                return
-            connection.write(b"".join(frames + self._closing_frames(fields, http2.NO_ERROR)))
-            callbacks = self._close()
-        self._after_end(callbacks)
+            if data is not None and self.inline and not self._fits(len(data)):
+                self.inline = False  # an inline call's response that does not fit the windows now: a worker sends it
+                callbacks = None
+            else:
+                try:
+                    if data is not None:
+                        self._headers(frames)
+                        self._data(data, frames)
+                except _CallEnded:
+                    return
+                if self.ended:
+                    return
+                connection.write(b"".join(frames + self._closing_frames(fields, http2.NO_ERROR)))
+                callbacks = self._close()
+        if callbacks is None:
+            connection.server.submit(self, functools.partial(self.finish, code, details, response))
+        else:
+            self._after_end(callbacks)
 
     # -- ending from outside the handler (any thread) -----------------------------------------------
 
@@ -1092,6 +1152,13 @@ class _Call:
             except Exception:
                 log.exception("grpc: a termination callback of %s failed", self.method)
         self.connection.server.call_ended()
+
+
+def _close(responses: Iterator[Any]) -> None:
+    """Close a handler's response generator (its ``finally`` blocks run)."""
+    close = getattr(responses, "close", None)
+    if close is not None:
+        close()
 
 
 class _CallFailed(Exception):

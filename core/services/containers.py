@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from core.errors import ContainerkitError, InvalidArgument
+from core.grpcwire.server import Server
 from core.hookspecs import hookimpl
 from core.plugin import InitContext, Registration
-from core.server import namespace_of
+from core.server import method_paths, namespace_of
 from core.services._convert import mask_paths, timestamp
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ class ContainersService:
 
         return [ContainerKind(self.store)]
 
-    def register(self, server: grpc.Server) -> None:
+    def register(self, server: Server) -> None:
         from google.protobuf import empty_pb2
 
         from core.api.containerd.events import container_pb2 as events_pb
@@ -188,6 +189,7 @@ class ContainersService:
                 return empty_pb2.Empty()
 
         pb_grpc.add_ContainersServicer_to_server(Servicer(), server)
+        server.answer_inline(method_paths(pb, "Containers", ["Get"]))
 
 
 def _init(context: InitContext) -> ContainersService:

@@ -35,9 +35,10 @@ import grpc
 from core.digest import Digest
 from core.endpoint import LEASE_METADATA_KEY
 from core.errors import AlreadyExists, NotFound, OutOfRange
+from core.grpcwire.server import Server
 from core.hookspecs import hookimpl
 from core.plugin import InitContext, Registration
-from core.server import metadata_value, namespace_of
+from core.server import metadata_value, method_paths, namespace_of
 from core.services._convert import mask_paths, timestamp
 from core.types import EPOCH
 
@@ -77,7 +78,7 @@ class ContentService:
 
         return [ContentKind(self.store)]
 
-    def register(self, server: grpc.Server) -> None:
+    def register(self, server: Server) -> None:
         from google.protobuf import empty_pb2
 
         from core.api.containerd.events import content_pb2 as events_pb
@@ -184,6 +185,7 @@ class ContentService:
                 return empty_pb2.Empty()
 
         pb_grpc.add_ContentServicer_to_server(Servicer(), server)
+        server.answer_inline(method_paths(pb, "Content", ["Info"]))  # metadata only; Read opens the backend's blob
 
     def _write(self, namespace: str, requests: Iterator[Any], context: grpc.ServicerContext, pb: Any) -> Iterator[Any]:
         """One Write stream (see the module doc). The writer is closed, never aborted, on the way out."""

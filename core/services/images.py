@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from core.errors import InvalidArgument
+from core.grpcwire.server import Server
 from core.hookspecs import hookimpl
 from core.plugin import InitContext, Registration
-from core.server import namespace_of
+from core.server import method_paths, namespace_of
 from core.services._convert import datetime_of, mask_paths, timestamp
 from core.types import Descriptor
 
@@ -75,7 +76,7 @@ class ImagesService:
 
         return [ImageKind(self.store)]
 
-    def register(self, server: grpc.Server) -> None:
+    def register(self, server: Server) -> None:
         from google.protobuf import empty_pb2
 
         from core.api.containerd.events import image_pb2 as events_pb
@@ -120,6 +121,7 @@ class ImagesService:
                 return empty_pb2.Empty()
 
         pb_grpc.add_ImagesServicer_to_server(Servicer(), server)
+        server.answer_inline(method_paths(pb, "Images", ["Get"]))
 
     def _image_of(self, namespace: str, message: Any, paths: list[str]) -> Image:
         """The :class:`Image` a Create/Update request describes.

@@ -13,9 +13,10 @@ import grpc
 
 from core.endpoint import NAMESPACE_METADATA_KEY
 from core.errors import InvalidArgument
+from core.grpcwire.server import Server
 from core.metadata import NamespaceStore
 from core.plugin import InitContext, Registration
-from core.server import metadata_value
+from core.server import metadata_value, method_paths
 
 
 class NamespacesService:
@@ -23,7 +24,7 @@ class NamespacesService:
         self._store = NamespaceStore(context.metadata)
         self._events = context.events
 
-    def register(self, server: grpc.Server) -> None:
+    def register(self, server: Server) -> None:
         from google.protobuf import empty_pb2
 
         from core.api.containerd.events import namespace_pb2 as events_pb
@@ -80,6 +81,7 @@ class NamespacesService:
                 return empty_pb2.Empty()
 
         pb_grpc.add_NamespacesServicer_to_server(Servicer(), server)
+        server.answer_inline(method_paths(pb, "Namespaces", ["Get"]))
 
 
 def _init(context: InitContext) -> NamespacesService:
