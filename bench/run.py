@@ -10,7 +10,10 @@ The busybox image (tests/oci_images.py) is pushed with skopeo to Debian's docker
 - **shim RSS**: one task (``sleep``) running; VmRSS and Pss of its shim (the parent of the task's pid: ours,
   or containerd-shim-runc-v2).
 - **concurrent starts**: ``--concurrent`` ``ctr run -d IMAGE ID sleep 1000`` launched at once; the wall time
-  until the last returns.
+  until the last returns, the daemon's CPU per container (its own threads; shims are other processes) and the
+  whole host's busy CPU per container (/proc/stat: ctr, runc, shims and kernel included; the burst keeps both
+  CPUs busy, so this is what decides the wall time). ``--batches`` bursts per daemon, the daemons taking turns;
+  medians are reported (one burst's wall time swings by 15% on a shared 2-CPU VM).
 - **100 tasks**: ``--tasks`` tasks running; the daemon's own VmRSS (its shims are other processes), the
   sum of the shims' VmRSS and Pss, and that Pss plus the Pss of containerkitd's shim fork server (the zygote
   its shims are forked from and share pages with, and its one spare shim; containerd has none).
@@ -19,8 +22,8 @@ Each phase removes its containers (tasks killed, deleted, containers and snapsho
 daemons get SIGTERM by pid; any shim or container still naming their temp dirs is SIGKILLed by pid, their
 mounts undone, their temp dirs removed.
 
-    /work/venv-ck/bin/python bench/run.py [--runs 20] [--warmup 2] [--concurrent 50] [--tasks 100] [--json]
-        [--inherit-env]
+    /work/venv-ck/bin/python bench/run.py [--runs 20] [--warmup 2] [--concurrent 50] [--batches 3] [--tasks 100]
+        [--json] [--inherit-env]
 
 Numbers only: nothing here asserts. Targets from the issue: run --rm and concurrent starts no slower than
 containerd (ratio <= 1.0), a shim no larger than containerd-shim-runc-v2. Must run as root.
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -113,6 +117,21 @@ def run_rm(daemon: RunningDaemon, image: str, task: str) -> tuple[float, float]:
     return time.perf_counter() - t0, cpu_ms(daemon.pid) - cpu0
 
 
+def host_busy_ms() -> float:
+    """CPU time (ms) the whole host has spent busy since boot (all CPUs; idle and iowait excluded)."""
+    with open("/proc/stat") as stat:
+        ticks = [int(field) for field in stat.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def burst(daemon: RunningDaemon, image: str, tasks: list[str]) -> tuple[float, float, float]:
+    """The tasks started at once, then removed: (wall seconds, daemon CPU ms and host busy CPU ms per task)."""
+    cpu0, busy0 = cpu_ms(daemon.pid), host_busy_ms()
+    with running_tasks(daemon, image, tasks) as seconds:
+        cpu1, busy1 = cpu_ms(daemon.pid), host_busy_ms()
+    return seconds, (cpu1 - cpu0) / len(tasks), (busy1 - busy0) / len(tasks)
+
+
 def start_detached(daemon: RunningDaemon, image: str, tasks: list[str]) -> float:
     """``ctr run -d IMAGE ID sleep 1000`` for every id, all at once; seconds until the last returned."""
     t0 = time.perf_counter()
@@ -139,13 +158,29 @@ def running_tasks(daemon: RunningDaemon, image: str, tasks: list[str]) -> Iterat
 
 
 def measure(image: str, daemons: dict[str, RunningDaemon], args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {subject: {"run_rm_s": [], "run_rm_cpu_ms": []} for subject in SUBJECTS}
+    results: dict[str, Any] = {
+        subject: {
+            "run_rm_s": [],
+            "run_rm_cpu_ms": [],
+            "concurrent_s": [],
+            "concurrent_cpu_ms": [],
+            "concurrent_host_ms": [],
+        }
+        for subject in SUBJECTS
+    }
     for run in range(args.warmup + args.runs):
         for subject in SUBJECTS if run % 2 == 0 else tuple(reversed(SUBJECTS)):
             seconds, cpu = run_rm(daemons[subject], image, f"{PREFIX[subject]}-rm-{run}")
             if run >= args.warmup:
                 results[subject]["run_rm_s"].append(seconds)
                 results[subject]["run_rm_cpu_ms"].append(cpu)
+    for batch in range(args.batches):
+        for subject in SUBJECTS if batch % 2 == 0 else tuple(reversed(SUBJECTS)):
+            ids = [f"{PREFIX[subject]}-c{batch}-{n}" for n in range(args.concurrent)]
+            seconds, cpu, busy = burst(daemons[subject], image, ids)
+            results[subject]["concurrent_s"].append(seconds)
+            results[subject]["concurrent_cpu_ms"].append(cpu)
+            results[subject]["concurrent_host_ms"].append(busy)
     for subject, daemon in daemons.items():
         result = results[subject]
         result["daemon_rss_kb_idle"] = status_kb(daemon.pid, "VmRSS")["VmRSS"]
@@ -153,9 +188,6 @@ def measure(image: str, daemons: dict[str, RunningDaemon], args: argparse.Namesp
             shim = shim_of(daemon, f"{PREFIX[subject]}-one")
             result["shim_rss_kb"] = status_kb(shim, "VmRSS")["VmRSS"]
             result["shim_pss_kb"] = pss_kb(shim)
-        ids = [f"{PREFIX[subject]}-c{n}" for n in range(args.concurrent)]
-        with running_tasks(daemon, image, ids) as seconds:
-            result["concurrent_s"] = seconds
         ids = [f"{PREFIX[subject]}-t{n}" for n in range(args.tasks)]
         with running_tasks(daemon, image, ids) as seconds:
             result["tasks_start_s"] = seconds
@@ -168,6 +200,8 @@ def measure(image: str, daemons: dict[str, RunningDaemon], args: argparse.Namesp
         result["median_run_rm_s"] = statistics.median(result["run_rm_s"])
         result["min_run_rm_s"] = min(result["run_rm_s"])
         result["median_run_rm_cpu_ms"] = statistics.median(result["run_rm_cpu_ms"])
+        for key in ("concurrent_s", "concurrent_cpu_ms", "concurrent_host_ms"):
+            result[f"median_{key}"] = statistics.median(result[key])
         print(f"{subject}: done", file=sys.stderr)
     return results
 
@@ -186,7 +220,9 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
         row("run --rm, daemon CPU (median)", "median_run_rm_cpu_ms", "ms"),
         row("shim VmRSS (one task)", "shim_rss_kb", "MiB", 1 / 1024, 1),
         row("shim Pss (one task)", "shim_pss_kb", "MiB", 1 / 1024, 1),
-        row(f"{args.concurrent} run -d at once, wall", "concurrent_s", "s", 1, 2),
+        row(f"{args.concurrent} run -d at once, wall (median of {args.batches})", "median_concurrent_s", "s", 1, 2),
+        row("  daemon CPU per container", "median_concurrent_cpu_ms", "ms", 1, 1),
+        row("  host busy CPU per container", "median_concurrent_host_ms", "ms", 1, 1),
         row(f"{args.tasks} run -d at once, wall", "tasks_start_s", "s", 1, 2),
         row("daemon VmRSS idle", "daemon_rss_kb_idle", "MiB", 1 / 1024, 1),
         row(f"daemon VmRSS, {args.tasks} tasks", "daemon_rss_kb_tasks", "MiB", 1 / 1024, 1),
@@ -204,13 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=20, help="measured ctr run --rm per daemon")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured ctr run --rm per daemon first")
     parser.add_argument("--concurrent", type=int, default=50, help="containers started at once")
+    parser.add_argument("--batches", type=int, default=3, help="bursts of --concurrent starts per daemon")
     parser.add_argument("--tasks", type=int, default=100, help="tasks running for the memory figures")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     if not running_as_root("run.py"):
         return 2
-    if args.runs < 1 or args.warmup < 0 or args.concurrent < 1 or args.tasks < 1:
-        parser.error("--runs, --concurrent and --tasks must be at least 1, --warmup at least 0")
+    if min(args.runs, args.concurrent, args.batches, args.tasks) < 1 or args.warmup < 0:
+        parser.error("--runs, --concurrent, --batches and --tasks must be at least 1, --warmup at least 0")
     with tempfile.TemporaryDirectory(prefix="ckb-run-") as base, running_registry() as registry, ExitStack() as stack:
         image = busybox_image(registry, Path(base))
         env = python_env(args.inherit_env, Path(base) / "pycache")

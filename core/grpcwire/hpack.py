@@ -14,6 +14,7 @@ Pure stdlib; import does no work beyond defining constants (the Huffman decoding
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 
 __all__ = ["STATIC_TABLE", "Decoder", "Encoder", "HpackError", "encode_integer", "huffman_decode", "huffman_lengths"]
@@ -109,6 +110,7 @@ _huffman: tuple[tuple[tuple[int, int, int, int], ...], tuple[int, ...]] | None =
 # Integers above this are rejected: nothing legitimate in a header block comes close, and it bounds the work.
 _MAX_INT = (1 << 32) - 1
 _ENTRY_OVERHEAD = 32  # RFC 7541 section 4.1
+_CACHED_STRING_MAX = 128  # Huffman strings up to this many octets are decoded once: paths, agents, namespaces...
 
 
 def huffman_lengths() -> bytes:
@@ -183,6 +185,11 @@ def huffman_decode(data: bytes) -> bytes:
         bits -= length
         acc &= (1 << bits) - 1
     return bytes(out)
+
+
+# Every call of every connection sends the same few strings (each new connection Huffman-codes them afresh):
+# decoding one is ~1 us per octet here, a cache hit well under that. Errors are raised, never cached.
+_cached_huffman_decode = functools.lru_cache(maxsize=1024)(huffman_decode)
 
 
 def encode_integer(value: int, prefix_bits: int, first_byte: int = 0) -> bytes:
@@ -305,7 +312,7 @@ class Decoder:
             raise HpackError(f"string length {length} runs past the end of the header block")
         raw = data[pos:stop]
         if huffman:
-            raw = huffman_decode(raw)
+            raw = _cached_huffman_decode(raw) if length <= _CACHED_STRING_MAX else huffman_decode(raw)
         return raw.decode("utf-8", "surrogateescape"), len(raw), stop
 
     def _literal(self, data: bytes, pos: int, prefix_bits: int) -> tuple[str, str, int, int]:
