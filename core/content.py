@@ -152,6 +152,11 @@ class Writer(_ClosesOnExit):
 class ContentStore(ABC):
     """A content store plugin (wire type ``io.containerd.content.v1``)."""
 
+    reads_locally: bool = False
+    """Whether reading a blob never waits on anything but a local disk (no network, no other process): the
+    daemon then serves ``Content.Read`` on its gRPC I/O thread (:meth:`~core.grpcwire.server.Server.answer_inline`)
+    instead of a worker. Leave False unless that holds."""
+
     # -- blobs ---------------------------------------------------------------------------------
 
     @abstractmethod

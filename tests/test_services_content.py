@@ -291,3 +291,22 @@ def test_namespaces_see_only_their_own_content_and_ingests(content: pb_grpc.Cont
 
 def test_requests_without_namespace_are_failed_precondition(content: pb_grpc.ContentStub) -> None:
     assert code_of(lambda: list(content.List(pb.ListContentRequest()))) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_read_is_answered_inline_only_over_a_backend_that_reads_locally(local: bool) -> None:
+    """Info (metadata) always runs on the server's I/O thread; Read only when the backend's reads never wait on
+    anything but a local disk (a remote backend's would stall every other call)."""
+    from unittest import mock
+
+    from core.config import GrpcConfig
+    from core.content import ContentStore
+    from core.server import new_server
+    from core.services.content import ContentService
+
+    backend = mock.Mock(spec=ContentStore, reads_locally=local)
+    server = new_server(GrpcConfig())
+    ContentService(mock.Mock(), backend, mock.Mock(), mock.Mock()).register(server)
+    inline = {path for path in server._inline if path.startswith("/containerd.services.content.v1.Content/")}
+    paths = {"/containerd.services.content.v1.Content/Info", "/containerd.services.content.v1.Content/Read"}
+    assert inline == (paths if local else paths - {"/containerd.services.content.v1.Content/Read"})

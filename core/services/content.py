@@ -185,7 +185,8 @@ class ContentService:
                 return empty_pb2.Empty()
 
         pb_grpc.add_ContentServicer_to_server(Servicer(), server)
-        server.answer_inline(method_paths(pb, "Content", ["Info"]))  # metadata only; Read opens the backend's blob
+        # Info reads metadata only; Read opens the backend's blob, which for a non-local backend may wait.
+        server.answer_inline(method_paths(pb, "Content", ["Info", "Read"] if self.backend.reads_locally else ["Info"]))
 
     def _write(self, namespace: str, requests: Iterator[Any], context: grpc.ServicerContext, pb: Any) -> Iterator[Any]:
         """One Write stream (see the module doc). The writer is closed, never aborted, on the way out."""

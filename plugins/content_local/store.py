@@ -360,9 +360,13 @@ class LocalContentStore(ContentStore):
     only to library users; they are kept anyway, honestly and persistently, in a small JSON sidecar
     per blob (``labels/<algorithm>/<hex>``, written atomically), and removed with the blob.
 
+    Blobs are local files, so it :attr:`~core.content.ContentStore.reads_locally`.
+
     Refs are opaque non-empty strings of at most :data:`MAX_REF_BYTES` UTF-8 bytes (NUL, ``/`` and
     ``..`` included); they only ever name a folder through their sha256, never as a path.
     """
+
+    reads_locally = True
 
     def __init__(self, root: Path | str, ingest_expiry: float = DEFAULT_INGEST_EXPIRY) -> None:
         if isinstance(ingest_expiry, bool) or not isinstance(ingest_expiry, int | float) or ingest_expiry <= 0:
