@@ -550,6 +550,7 @@ def test_fuzz_config_tables(robustness: Any) -> None:
 # -- the gRPC server ---------------------------------------------------------------------------
 
 ECHO = "/fuzz.Echo/Call"
+INLINE_ECHO = "/fuzz.Echo/Inline"  # answered on the server's I/O thread
 STREAM_IDS = st.sampled_from([0, 1, 1, 1, 2, 3, 5, 2**31 - 1])
 FRAME_TYPES = st.one_of(st.integers(0, 9), st.integers(0, 9), st.integers(10, 255))
 
@@ -565,6 +566,8 @@ CALL_PIECES = st.sampled_from(
     [
         http2.frame(http2.HEADERS, http2.END_HEADERS, 1, _request_block(ECHO)),
         http2.frame(http2.HEADERS, http2.END_HEADERS, 3, _request_block("/fuzz.Echo/Missing")),
+        http2.frame(http2.HEADERS, http2.END_HEADERS, 5, _request_block(INLINE_ECHO)),
+        http2.frame(http2.DATA, http2.END_STREAM, 5, b"\0\0\0\0\3abc"),
         http2.frame(http2.DATA, http2.END_STREAM, 1, b"\0\0\0\0\3abc"),
         http2.frame(http2.DATA, 0, 1, b"\0\xff\xff\xff\xff"),
         http2.frame(http2.DATA, 0, 1, b"\1\0\0\0\2ab"),
@@ -589,7 +592,8 @@ H2_INPUTS = st.one_of(
 
 @pytest.fixture(scope="module")
 def fuzzed_server() -> typing.Iterator[tuple[Any, str]]:
-    """A live daemon gRPC server (core.server.new_server) with one echo method, and its socket path."""
+    """A live daemon gRPC server (core.server.new_server) with an echo method run by a worker and one answered
+    inline, and its socket path."""
     import grpc
 
     from core.config import GrpcConfig
@@ -598,8 +602,9 @@ def fuzzed_server() -> typing.Iterator[tuple[Any, str]]:
     directory = tempfile.mkdtemp(prefix="ck-fuzz-h2-", dir="/tmp")
     address = f"{directory}/sock"
     server = new_server(GrpcConfig())
-    handlers = {"Call": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("fuzz.Echo", handlers)])
+    echo = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("fuzz.Echo", {"Call": echo, "Inline": echo})])
+    server.answer_inline([INLINE_ECHO])
     server.add_insecure_port(f"unix:{address}")
     server.start()
     try:

@@ -931,9 +931,9 @@ class _Call:
 
     # -- response side (a worker) -------------------------------------------------------------------
 
-    def run(self, rest: tuple[Iterator[Any], Any] | None = None) -> None:
-        """Run the handler and send its outcome, or send the ``rest`` of its responses (the generator and the one
-        response it yielded last) for an inline call; the call ends, whatever the handler or its outcome raise."""
+    def run(self, rest: Callable[[], None] | None = None) -> None:
+        """Run the handler and send its outcome, or do the ``rest`` of an inline call (:meth:`_hand_over`); the
+        call ends, whatever the handler or its outcome raise."""
         if self.ended and rest is None:  # past its deadline, or cancelled, while it waited for a worker
             return
         try:
@@ -942,11 +942,11 @@ class _Call:
             log.error("grpc: %s: its outcome could not be sent", self.method, exc_info=err)
             self.end(StatusCode.INTERNAL, f"the server could not send the outcome: {type(err).__name__}")
 
-    def _run_handler(self, rest: tuple[Iterator[Any], Any] | None) -> None:
+    def _run_handler(self, rest: Callable[[], None] | None) -> None:
         handler, context = self.handler, self.context
         try:
             if rest is not None:
-                self._stream(*rest)
+                rest()
                 return
             if handler.request_streaming:
                 request: Any = _RequestIterator(self, handler.request_deserializer)
@@ -989,8 +989,7 @@ class _Call:
             for response in responses:
                 self.send_message(response)
         except _WouldWait as wait:
-            self.inline = False
-            self.connection.server.submit(self, functools.partial(self.run, (responses, wait.response)))
+            self._hand_over(functools.partial(self._stream, responses, wait.response))
             return
         except BaseException:
             _close(responses)
@@ -1087,7 +1086,6 @@ class _Call:
         connection = self.connection
         with connection.cond:
             if data is not None and self.inline and not self._fits(len(data)):
-                self.inline = False  # an inline call's response that does not fit the windows now: a worker sends it
                 callbacks = None
             else:
                 try:
@@ -1100,10 +1098,16 @@ class _Call:
                     return
                 connection.write(b"".join(frames + self._closing_frames(fields, http2.NO_ERROR)))
                 callbacks = self._close()
-        if callbacks is None:
-            connection.server.submit(self, functools.partial(self.finish, code, details, response))
+        if callbacks is None:  # an inline call's response that does not fit the windows now
+            self._hand_over(functools.partial(self.finish, code, details, response))
         else:
             self._after_end(callbacks)
+
+    def _hand_over(self, rest: Callable[[], None]) -> None:
+        """Have a worker do the ``rest`` of an inline call: send what the windows could not take at once (it may
+        wait for them), with the handler's errors and the call's end dealt with as on any worker."""
+        self.inline = False
+        self.connection.server.submit(self, functools.partial(self.run, rest))
 
     # -- ending from outside the handler (any thread) -----------------------------------------------
 
