@@ -9,6 +9,7 @@ between those netns and the host's end of the bridges. An autouse fixture compar
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
 import sys
 import threading
@@ -457,6 +458,34 @@ def test_records_survive_a_restart_and_the_host_is_restored(tmp_path: Path, veth
         assert again.addresses[0] not in {kept.addresses[0], gone.addresses[0]}  # the cursor persisted
     finally:
         clean_up(driver)
+
+
+def test_an_attachment_whose_netns_is_gone_is_released_while_the_kernel_still_tears_it_down(
+    tmp_path: Path, veths: set[str], netns: NetnsPool
+):
+    """The netns's name is gone but the namespace not yet (the kernel tears one down asynchronously; here an fd
+    holds it), so its veth still exists: at start the attachment is released and its host veth removed."""
+    root = tmp_path / "bridge"
+    driver = open_driver(root, veths)
+    try:
+        network = make_network(driver)
+        gone = driver.attach(network, "gone", netns.path(netns.new()))
+    finally:
+        driver.close()
+    holder = os.open(gone.netns_path, os.O_RDONLY)
+    try:
+        netns.remove(Path(gone.netns_path).name)
+        assert gone.host_ifname in host_links()  # the namespace lives on while the fd holds it
+        driver = open_driver(root, veths)
+        try:
+            assert driver.attachments(network) == []
+            assert gone.host_ifname not in host_links()
+            again = driver.attach(network, "gone", netns.path(netns.new()))  # the id is free again
+            assert driver.attachments(network) == [again]
+        finally:
+            clean_up(driver)
+    finally:
+        os.close(holder)
 
 
 def test_a_veth_leaked_onto_a_bridge_is_removed_at_start(tmp_path: Path, veths: set[str], netns: NetnsPool):

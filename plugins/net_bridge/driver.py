@@ -16,7 +16,7 @@ State: ``<root>/bridge.db`` (a :class:`core.metadata.MetadataStore` file) record
 attachments and the address allocations (:mod:`plugins.net_bridge.allocator`). Every mutation runs
 under one lock and one transaction; a failure rolls the records back and removes what it made on the
 host, so nothing is half-made. On construction the host is brought in line with the records: missing
-bridges are recreated (after a reboot) and recorded veths put back on them, attachments whose veth is
+bridges are recreated (after a reboot) and recorded veths put back on them, attachments whose veth or netns is
 gone are released, veths on our bridges that no record knows (a crash mid-attach) are removed. IPv4 only.
 """
 
@@ -27,6 +27,7 @@ import errno
 import hashlib
 import ipaddress
 import json
+import os
 import sqlite3
 import threading
 from ipaddress import IPv4Address, IPv4Network
@@ -283,13 +284,19 @@ class BridgeDriver(NetnsInterfaces, NetworkDriver):
         self._allocator.release(conn, _pool(record), container_id)
 
     def _live_attachments(self, conn: sqlite3.Connection, record: Network) -> dict[str, Attachment]:
-        """The attachments of ``record`` whose host veth exists, by container id; the others are released."""
+        """The attachments of ``record`` whose host veth exists and whose netns is still there, by container id;
+        the others are released. The veth of a netns that is gone is removed now: the kernel removes it too, but
+        in its own time (a namespace is torn down asynchronously), so it could still be seen a moment later."""
         live = {}
         for attachment in _select_attachments(conn, record):
-            if find_index(attachment.host_ifname) is not None:
+            veth = find_index(attachment.host_ifname) is not None
+            if veth and os.path.exists(attachment.netns_path):
                 live[attachment.container_id] = attachment
-            else:
-                self._forget(conn, record, attachment.container_id)
+                continue
+            if veth:
+                with host_route() as ipr:
+                    remove_link(ipr, attachment.host_ifname)
+            self._forget(conn, record, attachment.container_id)
         return live
 
     def _plumb(self, record: Network, attachment: Attachment, fd: int) -> Attachment:
