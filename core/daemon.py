@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import faulthandler
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -138,6 +139,10 @@ class Daemon:
                     record.status, record.reason = Status.ERROR, f"registering the service failed: {err}"
                     log.error("service %s failed to register", record.name, exc_info=True)
         self._listen(server)
+        # What start-up made (modules, plugins, generated message classes: ~50,000 objects) lives as long as the
+        # daemon: out of the collector's sight, a collection during a burst of calls scans ~10,000 objects
+        # instead of ~60,000 (gen1 and gen2 pauses of 10-200 ms per 50 containers started, measured).
+        gc.freeze()
         server.start()
         self._server = server
         log.info("containerkitd %s serving on %s", __version__, self.address, extra={"root": str(self.root)})
