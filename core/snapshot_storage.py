@@ -147,6 +147,7 @@ class DirectorySnapshotter(Snapshotter):
         self._root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._snapshots = self._root / "snapshots"
         self._snapshots.mkdir(mode=0o700, exist_ok=True)
+        self._snapshots_text = str(self._snapshots)
         self._store = MetadataStore(self._root / "metadata.db")
         try:
             self._store.migrate("snapshotter", SNAPSHOTTER_MIGRATIONS)
@@ -167,6 +168,11 @@ class DirectorySnapshotter(Snapshotter):
     def fs_path(self, id: str) -> Path:
         """The directory holding snapshot ``id``'s own files (its layer; an overlay upperdir)."""
         return self._snapshots / id / "fs"
+
+    def mount_source(self, id: str, part: str = "fs") -> str:
+        """``<root>/snapshots/<id>/<part>`` as text, for mounts: built without pathlib, whose joins were half the
+        CPU of a Mounts call (computed on every one)."""
+        return f"{self._snapshots_text}/{id}/{part}"
 
     # -- what subclasses provide -----------------------------------------------------------------
 

@@ -76,10 +76,10 @@ class AufsSnapshotter(DirectorySnapshotter):
         parents = snapshot.parent_ids
         active = snapshot.kind is Kind.ACTIVE
         if not parents:
-            return [Mount("bind", str(self.fs_path(snapshot.id)), ("rw" if active else "ro", "rbind"))]
+            return [Mount("bind", self.mount_source(snapshot.id), ("rw" if active else "ro", "rbind"))]
         if not active and len(parents) == 1:
-            return [Mount("bind", str(self.fs_path(parents[0])), ("ro", "rbind"))]
-        lowers = [f"{self.fs_path(id)}=ro+wh" for id in parents]
+            return [Mount("bind", self.mount_source(parents[0]), ("ro", "rbind"))]
+        lowers = [f"{self.mount_source(id)}=ro+wh" for id in parents]
         if active:
-            return aufs_mounts([f"{self.fs_path(snapshot.id)}=rw", *lowers], self._options)
+            return aufs_mounts([f"{self.mount_source(snapshot.id)}=rw", *lowers], self._options)
         return aufs_mounts(lowers, ("ro", *self._options))

@@ -60,12 +60,13 @@ class OverlaySnapshotter(DirectorySnapshotter):
         parents = snapshot.parent_ids
         active = snapshot.kind is Kind.ACTIVE
         if not parents and not snapshot.rebase:
-            return [Mount("bind", str(self.fs_path(snapshot.id)), ("rw" if active else "ro", "rbind"))]
+            return [Mount("bind", self.mount_source(snapshot.id), ("rw" if active else "ro", "rbind"))]
         if not active and len(parents) == 1:
-            return [Mount("bind", str(self.fs_path(parents[0])), ("ro", "rbind"))]
-        lowers = [str(self.fs_path(id)) for id in parents] or [str(self._empty)]
+            return [Mount("bind", self.mount_source(parents[0]), ("ro", "rbind"))]
+        lowers = [self.mount_source(id) for id in parents] or [str(self._empty)]
         options = list(self._options)
         if active:
-            options += [f"workdir={self.work_path(snapshot.id)}", f"upperdir={self.fs_path(snapshot.id)}"]
+            upper, work = self.mount_source(snapshot.id), self.mount_source(snapshot.id, "work")
+            options += [f"workdir={work}", f"upperdir={upper}"]
         options.append("lowerdir=" + ":".join(lowers))
         return [Mount("overlay", "overlay", tuple(options))]
