@@ -167,7 +167,7 @@ class DirectorySnapshotter(Snapshotter):
 
     def fs_path(self, id: str) -> Path:
         """The directory holding snapshot ``id``'s own files (its layer; an overlay upperdir)."""
-        return self._snapshots / id / "fs"
+        return Path(self.mount_source(id))
 
     def mount_source(self, id: str, part: str = "fs") -> str:
         """``<root>/snapshots/<id>/<part>`` as text, for mounts: built without pathlib, whose joins were half the

@@ -46,7 +46,7 @@ class OverlaySnapshotter(DirectorySnapshotter):
 
     def work_path(self, id: str) -> Path:
         """The overlay workdir of active snapshot ``id``."""
-        return self.snapshot_path(id) / "work"
+        return Path(self.mount_source(id, "work"))
 
     def rebase(self, name: str, key: str, parent: str, labels: Mapping[str, str] | None = None) -> None:
         self._commit(name, key, labels, onto=parent)
